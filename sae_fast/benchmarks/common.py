@@ -1,0 +1,76 @@
+"""Shared benchmark plumbing: timing, peak memory in a fresh process, and the JSON record format.
+
+Every benchmark module in this package exposes `run(quick: bool = False) -> list[dict]`, each dict made by
+`record(...)`: keys bench, config, device, ours_s, reference_s, speedup (= reference_s / ours_s), plus extras.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def time_fn(fn, *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
+    """Median wall time of fn() in seconds, after `warmup` calls (CUDA-synchronised where relevant)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start_all < min_time:
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from sae_fast.utils import machine_description
+
+    m = machine_description()
+    return f"cpu: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads)"
+
+
+def record(bench: str, config: dict, device: str, ours_s: float, reference_s: float, **extra) -> dict:
+    return {"bench": bench, "config": config, "device": device, "ours_s": ours_s, "reference_s": reference_s,
+            "speedup": reference_s / ours_s if ours_s > 0 else float("nan"), **extra}
+
+
+def peak_rss_of(code: str) -> int:
+    """Run `code` in a fresh Python process and return its peak RSS in bytes (minus the bare-import baseline).
+
+    Used to compare peak memory of ours vs a reference without one polluting the other's high-water mark."""
+    prog = (
+        "import resource, torch, sys\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"{code}\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def self_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'bench':<12} {'config':<48} {'ours (s)':>10} {'ref (s)':>10} {'speedup':>8}"]
+    for r in rows:
+        cfg = json.dumps(r["config"], separators=(",", ":"))[:48]
+        lines.append(f"{r['bench']:<12} {cfg:<48} {r['ours_s']:>10.4g} {r['reference_s']:>10.4g} "
+                     f"{r['speedup']:>7.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""The ScFM interface: every single-cell foundation model behind one hookable forward.
+
+    batches = model.prepare(adata)                 # align genes, normalise, tokenise -> CellBatch stream
+    out = model.forward(batch, layer=L)            # full run; out.hidden is the output of block L
+    out = model.forward(batch, layer=L, stop=True) # extraction: nothing beyond block L is computed
+    out = model.forward(batch, layer=L, hook=h)    # h(hidden, batch) -> edited hidden (or None = unchanged)
+    out = model.forward(batch, layer=L, start=h)   # steering: h is block L's output; run blocks L+1.. only
+
+`layer=L` is the output of block L counted from 0, before any final norm (AIDO.Cell's `encoder.layer[L]`,
+HF `hidden_states[L+1]`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class CellBatch(NamedTuple):
+    """A batch of B cells tokenised for one model, T tokens each.
+
+    `gene_ids` index `model.genes` and are -1 for special tokens (depth tokens, <cls>, padding); they say which
+    gene each token is. `cell_ids` are row numbers in the AnnData that `prepare` was given."""
+
+    inputs: dict[str, torch.Tensor]  # model-specific input tensors, each [B, T] (values, token ids, ...)
+    gene_ids: torch.Tensor  # [B, T] int64, -1 = not a gene
+    cell_ids: torch.Tensor  # [B] int64
+    mask: torch.Tensor  # [B, T] bool, True = a real (non-padding) token
+    expression: torch.Tensor  # [B, T] float: the normalised input value at each token (0 where not a gene)
+
+    def to(self, device) -> CellBatch:
+        return CellBatch({k: v.to(device) for k, v in self.inputs.items()}, self.gene_ids.to(device),
+                         self.cell_ids.to(device), self.mask.to(device), self.expression.to(device))
+
+
+class ModelOutput(NamedTuple):
+    hidden: torch.Tensor | None  # [B, T, d] residual stream at the requested layer (after any hook edit)
+    expression: torch.Tensor | None  # [B, T_genes] the model's predicted expression (None when stop=True)
+    embedding: torch.Tensor | None  # [B, d] cell embedding by the model's own rule (None when stop=True)
+
+
+Hook = Callable[[torch.Tensor, CellBatch], "torch.Tensor | None"]
+
+
+@dataclass
+class GeneAlignment:
+    """What `prepare` did to the AnnData's genes: which matched the vocabulary and which did not."""
+
+    n_vocab: int
+    matched: list[str] = field(default_factory=list)
+    missing_from_data: list[str] = field(default_factory=list)  # vocabulary genes filled with 0
+    dropped_from_data: list[str] = field(default_factory=list)  # data genes outside the vocabulary
+
+    def summary(self) -> str:
+        return (f"{len(self.matched)}/{self.n_vocab} vocabulary genes found in the data; "
+                f"{len(self.missing_from_data)} filled with 0, {len(self.dropped_from_data)} data genes dropped")
+
+
+class PreparedData:
+    """The iterable that `prepare` returns: re-iterable, with `len()` in batches and the gene alignment."""
+
+    def __init__(self, make_iter: Callable[[], Iterator[CellBatch]], n_cells: int, batch_size: int,
+                 alignment: GeneAlignment):
+        self._make_iter = make_iter
+        self.n_cells = n_cells
+        self.batch_size = batch_size
+        self.alignment = alignment
+
+    def __iter__(self) -> Iterator[CellBatch]:
+        return self._make_iter()
+
+    def __len__(self) -> int:
+        return -(-self.n_cells // self.batch_size)
+
+
+class ScFM(nn.Module):
+    """Base class of the model zoo. Subclasses set `genes`, `n_layers`, `d_model` and implement the rest."""
+
+    name: str = "scfm"
+    genes: list[str]  # the model's gene vocabulary, indexed by CellBatch.gene_ids
+    n_layers: int
+    d_model: int
+
+    def prepare(self, adata, batch_size: int = 8, **kw) -> PreparedData:
+        raise NotImplementedError
+
+    def forward(self, batch: CellBatch, layer: int | None = None, hook: Hook | None = None, *,
+                stop: bool = False, start: torch.Tensor | None = None) -> ModelOutput:
+        raise NotImplementedError
+
+    def check_layer(self, layer: int | None) -> None:
+        from sae_fast.errors import UserError
+
+        if layer is not None and not 0 <= layer < self.n_layers:
+            raise UserError(f"layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}")

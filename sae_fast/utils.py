@@ -1,0 +1,70 @@
+"""Small shared helpers: atomic writes, progress bars, the machine description."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+# Set by the CLI's -q / -v; library users get bars by default.
+VERBOSITY = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    Nothing half-written ever carries the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Atomically write `obj` as indented JSON."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def progress(total=None, desc: str = "", unit: str = "it", **kw):
+    """A tqdm bar honouring the CLI's verbosity. Use `unit="tok"` and `unit_scale=True` for tokens/s."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=VERBOSITY < 1, dynamic_ncols=True, leave=False, **kw)
+
+
+def machine_description() -> dict:
+    """What a benchmark ran on: CPU model, cores, memory, GPU (if any), library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 2**20, 1)
+    desc = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": mem_gb,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return desc
