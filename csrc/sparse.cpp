@@ -1,0 +1,227 @@
+// CPU kernels for the sparse halves of the SAE ops (see sae_fast/ops.py for the math and the autograd use).
+//
+//   gather_combine(idx[N,k], w[N,k], M[F,d])        out[n]    = sum_j w[n,j] * M[idx[n,j]]           -> [N,d]
+//   pair_dot(idx[N,k], G[N,d], M[F,d])              out[n,j]  = <G[n], M[idx[n,j]]>                  -> [N,k]
+//   segment_reduce(order, offsets, w[N,k], X[N,d])  out[f]    = sum over f's pairs q of w[q] * X[q/k] -> [F,d]
+//                                                   sums[f]   = sum over f's pairs q of w[q]          -> [F]
+//
+//   reverse_index(idx[N,k], F)                      the flat pairs grouped by feature: (order[N*k], offsets[F+1])
+//   topk_rows(pre[R,F], k)                          the k largest of each row, unordered -> (values, indices)
+//
+// gather_combine and pair_dot are parallel over rows, segment_reduce over features (its pairs come pre-grouped
+// by a reverse index, so every output row has one writer: no atomics, deterministic). Accumulation is in the
+// op-math type (float for half/bfloat16). at::parallel_for runs on torch's OpenMP pool (torch.set_num_threads).
+#include <torch/extension.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+void check_index(const at::Tensor& idx, const at::Tensor& w) {
+  TORCH_CHECK(idx.dim() == 2 && idx.sizes() == w.sizes(), "indices and weights must both be [N, k]");
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "indices must be int64");
+}
+
+// A dot product the compiler may vectorise (the simd reduction allows reassociating the sum).
+template <typename acc_t, typename T>
+acc_t dot(const T* a, const T* b, int64_t d) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < d; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+  return s;
+}
+
+}  // namespace
+
+at::Tensor gather_combine(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& M) {
+  check_index(idx, w);
+  TORCH_CHECK(M.dim() == 2 && M.scalar_type() == w.scalar_type(), "M must be [F, d] with the dtype of w");
+  const int64_t N = idx.size(0), k = idx.size(1), d = M.size(1);
+  auto out = at::empty({N, d}, M.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, M.scalar_type(), "gather_combine", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* mp = M.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const acc_t a = static_cast<acc_t>(wp[n * k + j]);
+          if (a == acc_t(0)) continue;
+          const scalar_t* row = mp + ip[n * k + j] * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] += a * static_cast<acc_t>(row[c]);
+        }
+        for (int64_t c = 0; c < d; ++c) op[n * d + c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor pair_dot(const at::Tensor& idx, const at::Tensor& G, const at::Tensor& M) {
+  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kLong, "indices must be [N, k] int64");
+  TORCH_CHECK(G.dim() == 2 && M.dim() == 2 && G.size(1) == M.size(1) && G.size(0) == idx.size(0) &&
+                  G.scalar_type() == M.scalar_type(),
+              "G must be [N, d] and M [F, d] of one dtype");
+  const int64_t N = idx.size(0), k = idx.size(1), d = M.size(1);
+  auto out = at::empty({N, k}, M.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, M.scalar_type(), "pair_dot", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t* gp = G.data_ptr<scalar_t>();
+    const scalar_t* mp = M.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* g = gp + n * d;
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* row = mp + ip[n * k + j] * d;
+          op[n * k + j] = static_cast<scalar_t>(dot<acc_t>(g, row, d));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> segment_reduce(const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& w,
+                                       const at::Tensor& X, bool with_sum) {
+  TORCH_CHECK(order.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "reverse index must be int64");
+  TORCH_CHECK(w.dim() == 2 && X.dim() == 2 && w.size(0) == X.size(0) && w.scalar_type() == X.scalar_type(),
+              "w must be [N, k] and X [N, d] of one dtype");
+  TORCH_CHECK(order.numel() == w.numel(), "reverse index does not match the [N, k] weights");
+  const int64_t F = offsets.numel() - 1, k = w.size(1), d = X.size(1);
+  auto out = at::empty({F, d}, X.options());
+  auto sums = at::empty({with_sum ? F : 0}, X.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "segment_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* qp = order.data_ptr<int64_t>();
+    const int64_t* offp = offsets.data_ptr<int64_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* xp = X.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* sp = with_sum ? sums.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, F, 4, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t f = begin; f < end; ++f) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t total = 0;
+        for (int64_t p = offp[f]; p < offp[f + 1]; ++p) {
+          const int64_t q = qp[p];
+          const acc_t a = static_cast<acc_t>(wp[q]);
+          total += a;
+          if (a == acc_t(0)) continue;
+          const scalar_t* row = xp + (q / k) * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] += a * static_cast<acc_t>(row[c]);
+        }
+        for (int64_t c = 0; c < d; ++c) op[f * d + c] = static_cast<scalar_t>(acc[c]);
+        if (sp) sp[f] = static_cast<scalar_t>(total);
+      }
+    });
+  });
+  return {out, sums};
+}
+
+std::vector<at::Tensor> reverse_index(const at::Tensor& idx, int64_t F) {
+  // A stable counting sort of the flat pairs by feature: O(N*k + F), serial (it is a few ms at most).
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "indices must be int64");
+  auto flat = idx.contiguous().view({-1});
+  const int64_t P = flat.numel();
+  auto order = at::empty({P}, flat.options());
+  auto offsets = at::zeros({F + 1}, flat.options());
+  const int64_t* fp = flat.data_ptr<int64_t>();
+  int64_t* op = order.data_ptr<int64_t>();
+  int64_t* cp = offsets.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(fp[p] >= 0 && fp[p] < F, "feature index ", fp[p], " out of range [0, ", F, ")");
+    ++cp[fp[p] + 1];
+  }
+  for (int64_t f = 0; f < F; ++f) cp[f + 1] += cp[f];
+  std::vector<int64_t> next(cp, cp + F);
+  for (int64_t p = 0; p < P; ++p) op[next[fp[p]]++] = p;
+  return {order, offsets};
+}
+
+std::vector<at::Tensor> topk_rows(const at::Tensor& pre, int64_t k) {
+  // Per row: a buffer of up to 2k candidates and `lo`, the k-th largest value offered so far. A value enters
+  // the buffer only if it beats lo; when the buffer is full, nth_element keeps its k largest and raises lo.
+  // Meant for small k (the caller uses torch.topk for large k). Rows holding NaN: unspecified picks.
+  TORCH_CHECK(pre.dim() == 2 && pre.is_contiguous() && k >= 1 && k <= pre.size(1), "need [R, F] rows, 1 <= k <= F");
+  constexpr int64_t kLanes = 16;
+  const int64_t R = pre.size(0), F = pre.size(1);
+  auto values = at::empty({R, k}, pre.options());
+  auto indices = at::empty({R, k}, pre.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "topk_rows", [&] {
+    using Pair = std::pair<scalar_t, int64_t>;
+    const scalar_t* pp = pre.data_ptr<scalar_t>();
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+      std::vector<Pair> buf(2 * k);
+      std::vector<scalar_t> bmax(F / kLanes), tmp(F / kLanes);
+      auto larger = [](const Pair& a, const Pair& b) { return a.first > b.first; };
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = pp + r * F;
+        int64_t n = 0;
+        scalar_t lo = -std::numeric_limits<scalar_t>::infinity();
+        auto flush = [&] {  // keep the k largest of the buffer; lo = the k-th largest
+          std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + n, larger);
+          n = k;
+          lo = buf[k - 1].first;
+          for (int64_t j = 0; j < k; ++j) lo = std::min(lo, buf[j].first);
+        };
+        auto offer = [&](int64_t f) {
+          if (n < k || row[f] > lo) {
+            buf[n++] = {row[f], f};
+            if (n == 2 * k) flush();
+          }
+        };
+        // Pass 1 (vectorisable, the row is then in L1): the max of every block of kLanes values. The k-th largest
+        // block max is a lower bound lo0 on the row's k-th largest value, so pass 2 only visits blocks whose max
+        // reaches lo0 (typically little more than k blocks) and offers their values >= lo0.
+        const int64_t nb = F / kLanes;
+        for (int64_t b = 0; b < nb; ++b) {
+          scalar_t m = row[b * kLanes];
+          for (int64_t i = 1; i < kLanes; ++i) m = row[b * kLanes + i] > m ? row[b * kLanes + i] : m;
+          bmax[b] = m;
+        }
+        scalar_t lo0 = -std::numeric_limits<scalar_t>::infinity();
+        if (nb >= k) {
+          std::copy(bmax.begin(), bmax.begin() + nb, tmp.begin());
+          std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.begin() + nb, std::greater<scalar_t>());
+          lo0 = tmp[k - 1];
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+          if (bmax[b] < lo0) continue;
+          for (int64_t f = b * kLanes; f < (b + 1) * kLanes; ++f)
+            if (row[f] >= lo0) offer(f);
+        }
+        for (int64_t f = nb * kLanes; f < F; ++f) offer(f);
+        if (n > k) flush();
+        for (int64_t j = 0; j < k; ++j) {
+          vp[r * k + j] = buf[j].first;
+          ip[r * k + j] = buf[j].second;
+        }
+      }
+    });
+  });
+  return {values, indices};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sae-fast CPU kernels: sparse gather-combine, pair dot products, reverse-index segmented reduction";
+  m.def("gather_combine", &gather_combine, "out[n] = sum_j w[n,j] M[idx[n,j]]");
+  m.def("pair_dot", &pair_dot, "out[n,j] = <G[n], M[idx[n,j]]>");
+  m.def("reverse_index", &reverse_index, "pairs grouped by feature: (order, offsets)");
+  m.def("topk_rows", &topk_rows, "the k largest of each row, unordered: (values, indices)");
+  m.def("segment_reduce", &segment_reduce, "out[f] = sum over f's pairs of w * X[row] (+ sums of w)");
+}

@@ -1,0 +1,294 @@
+"""sae_fast.ops against plain dense float64 PyTorch, for every backend.
+
+Encoders: the selection is checked as a set against the float64 top-k (a row may differ only where the float64
+k-th and (k+1)-th values are closer than fp32 can resolve, and then ours must still be a top-k up to that
+tolerance); values and every gradient are then compared with the float64 reference evaluated at our pairs.
+Decode: output and gradients against a dense [N, F] code times W_dec in float64. Relative error = ||ours -
+ref|| / ||ref|| <= 1e-5 on fp32 inputs.
+
+torch and cpp run the full grid N x d x F x k (k = F = 5120 only for N <= 37, where it is cheap); triton (CPU
+interpreter unless CUDA is present) runs a subset in which every value of every dimension appears, including
+the big case N=4096, d=640, F=5120, k=32 with gradients, plus its multi-slice top-k merge and large-k path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+
+from sae_fast import ops
+from sae_fast.errors import UserError
+
+TOL = 1e-5
+GRID = [
+    (N, d, F, k)
+    for N, d, F, k in itertools.product([1, 37, 4096], [8, 640], [64, 5120], [1, 32, "F"])
+    if not (k == "F" and F == 5120 and N > 37)
+]
+TRITON_GRID = [(4096, 640, 5120, 32), (37, 8, 64, 64), (1, 8, 5120, 1), (37, 640, 64, 32), (1, 8, 5120, "F")]
+
+
+@pytest.fixture
+def backend(request):
+    """Resolve a backend name; the Triton interpreter runs numpy tile products: keep BLAS single-threaded."""
+    name = request.param
+    if name == "cpp" and ops._cpp_kernels() is None:
+        pytest.fail("the C++ extension did not build (see the warning); these tests need a C++ compiler")
+    limit = contextlib.nullcontext()
+    if name == "triton" and not torch.cuda.is_available():
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(1)
+    with limit:
+        yield name
+
+
+def device_for(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def rel(ours, ref):
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    assert ours.shape == ref.shape
+    denom = ref.norm()
+    return float((ours - ref).norm() / denom) if denom > 0 else float(ours.norm())
+
+
+def make_encoder(N, d, F, device, bias_scale=0.1):
+    x = torch.randn(N, d, device=device, requires_grad=True)
+    W = (torch.randn(F, d, device=device) / d**0.5).requires_grad_()
+    b = (bias_scale * torch.randn(F, device=device)).requires_grad_()
+    return x, W, b
+
+
+def dense_pre64(x, W, b):
+    x64, W64, b64 = (t.detach().double().cpu().requires_grad_() for t in (x, W, b))
+    return x64, W64, b64, x64 @ W64.T + b64
+
+
+def check_topk_selection(idx, pre64, k):
+    """Our per-row sets equal the float64 top-k sets, except on rows with a near tie at rank k."""
+    idx = idx.cpu()
+    ref_v, ref_i = pre64.detach().topk(k, dim=1)
+    same = (idx.sort(1).values == ref_i.sort(1).values).all(1)
+    if not same.all():
+        tol = 1e-5 * float(pre64.detach().abs().max())
+        kth = ref_v[:, -1:]
+        ours = pre64.detach().gather(1, idx)
+        assert (ours[~same] >= kth[~same] - tol).all(), "selection is not a top-k (beyond float tolerance)"
+        assert len(set(idx[~same][0].tolist())) == k, "duplicate indices in a row"
+
+
+def check_encode_grads(code, x, W, b, x64, W64, b64, pre64, relu, valid=None):
+    """Values and gradients of sum(values * G) against float64 autograd at our (row, feature) pairs."""
+    idx = code.indices.cpu()
+    vals64 = pre64.gather(1, idx)
+    if relu:
+        vals64 = vals64.relu()
+    if valid is not None:
+        vals64 = torch.where(valid, vals64, 0)
+    assert rel(code.values, vals64) <= TOL
+    G = torch.randn(code.values.shape, dtype=torch.float64)
+    (code.values * G.to(code.values)).sum().backward()
+    (vals64 * G).sum().backward()
+    for ours, ref in ((x, x64), (W, W64), (b, b64)):
+        assert rel(ours.grad, ref.grad) <= TOL
+
+
+def run_topk_case(backend, N, d, F, k, relu=True):
+    k = F if k == "F" else k
+    x, W, b = make_encoder(N, d, F, device_for(backend))
+    code = ops.topk_encode(x, W, b, k, relu=relu, backend=backend)
+    assert code.indices.shape == (N, k) and code.values.shape == (N, k) and code.indices.dtype == torch.long
+    x64, W64, b64, pre64 = dense_pre64(x, W, b)
+    check_topk_selection(code.indices, pre64, k)
+    check_encode_grads(code, x, W, b, x64, W64, b64, pre64, relu)
+
+
+def run_decode_case(backend, N, d, F, k):
+    k = F if k == "F" else k
+    device = device_for(backend)
+    idx = torch.rand(N, F, device=device).topk(k, dim=1).indices  # distinct features per row
+    values = torch.randn(N, k, device=device, requires_grad=True)
+    W_dec = torch.randn(F, d, device=device, requires_grad=True)
+    out = ops.sparse_decode(idx, values, W_dec, backend=backend)
+    v64, W64 = (t.detach().double().cpu().requires_grad_() for t in (values, W_dec))
+    ref = torch.zeros(N, F, dtype=torch.float64).scatter_add(1, idx.cpu(), v64) @ W64
+    assert rel(out, ref) <= TOL
+    G = torch.randn(N, d, dtype=torch.float64)
+    (out * G.to(out)).sum().backward()
+    (ref * G).sum().backward()
+    assert rel(values.grad, v64.grad) <= TOL
+    assert rel(W_dec.grad, W64.grad) <= TOL
+
+
+cpu_backends = pytest.mark.parametrize("backend", ["torch", "cpp"], indirect=True)
+all_backends = pytest.mark.parametrize("backend", ["torch", "cpp", "triton"], indirect=True)
+
+
+@cpu_backends
+@pytest.mark.parametrize("N,d,F,k", GRID)
+def test_topk_encode_grid(backend, N, d, F, k):
+    run_topk_case(backend, N, d, F, k)
+
+
+@cpu_backends
+@pytest.mark.parametrize("N,d,F,k", GRID)
+def test_sparse_decode_grid(backend, N, d, F, k):
+    run_decode_case(backend, N, d, F, k)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("N,d,F,k", TRITON_GRID)
+def test_triton_topk_encode(backend, N, d, F, k):
+    run_topk_case(backend, N, d, F, k)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("N,d,F,k", TRITON_GRID)
+def test_triton_sparse_decode(backend, N, d, F, k):
+    run_decode_case(backend, N, d, F, k)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_fused_topk_feature_slices(backend):
+    """The fused kernel over several feature slices (the GPU's default) and its merge, on odd sizes."""
+    from sae_fast.kernels import encode
+
+    device = device_for(backend)
+    x, W, b = (t.detach() for t in make_encoder(70, 24, 1500, device))
+    for splits in (1, 3):
+        values, idx = encode.topk(x, W, b, 20, splits=splits)
+        _, _, _, pre64 = dense_pre64(x, W, b)
+        check_topk_selection(idx, pre64, 20)
+        assert rel(values, pre64.gather(1, idx.cpu())) <= TOL
+
+
+@all_backends
+def test_relu_false_keeps_negative_values(backend):
+    run_topk_case(backend, 37, 8, 64, 32, relu=False)
+
+
+@all_backends
+def test_empty_batch(backend):
+    x, W, b = make_encoder(0, 8, 64, device_for(backend))
+    codes = (ops.topk_encode(x, W, b, 5, backend=backend), ops.batch_topk_encode(x, W, b, 5, backend=backend),
+             ops.threshold_encode(x, W, b, 0.5, backend=backend))
+    for code in codes:
+        assert code.indices.shape[0] == 0 and code.values.shape[0] == 0
+        out = ops.sparse_decode(code.indices, code.values, W, backend=backend)
+        assert out.shape == (0, 8)
+        out.sum().backward()
+        assert W.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
+        W.grad = b.grad = None
+
+
+def check_padded(code, keep64, pre64, relu):
+    """A padded code holds exactly the pairs in the boolean [N, F] `keep64`; padding has value 0."""
+    N, F = keep64.shape
+    counts = keep64.sum(1)
+    assert code.values.shape[1] == (int(counts.max()) if N else 0)
+    idx, vals = code.indices.cpu(), code.values.detach().cpu()
+    slot_valid = torch.arange(idx.shape[1]) < counts[:, None]
+    ours = torch.zeros(N, F, dtype=torch.bool).scatter_(1, torch.where(slot_valid, idx, 0), slot_valid)
+    assert torch.equal(ours, keep64)
+    assert (vals[~slot_valid] == 0).all()
+    assert ((idx >= 0) & (idx < F)).all()
+    return slot_valid
+
+
+@all_backends
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_topk_encode(backend, relu):
+    N, d, F, k = 37, 24, 300, 7
+    x, W, b = make_encoder(N, d, F, device_for(backend), bias_scale=1.0)
+    code = ops.batch_topk_encode(x, W, b, k, relu=relu, backend=backend)
+    x64, W64, b64, pre64 = dense_pre64(x, W, b)
+    flat = pre64.detach().relu().reshape(-1) if relu else pre64.detach().reshape(-1)
+    tau = flat.topk(k * N).values[-1]
+    keep = (pre64.detach() >= tau) & ((pre64.detach() > 0) if relu else True)
+    assert keep.sum() == k * N
+    assert (code.values != 0).sum() == k * N  # rows differ in count, the batch total is k * N
+    valid = check_padded(code, keep, pre64, relu)
+    check_encode_grads(code, x, W, b, x64, W64, b64, pre64, relu=False, valid=valid)
+
+
+@all_backends
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_threshold_encode_with_empty_rows(backend, per_feature):
+    N, d, F = 41, 16, 200
+    device = device_for(backend)
+    x, W, b = make_encoder(N, d, F, device)
+    theta = torch.rand(F, device=device) + 1.5 if per_feature else 2.2
+    code = ops.threshold_encode(x, W, b, theta, backend=backend)
+    x64, W64, b64, pre64 = dense_pre64(x, W, b)
+    th64 = theta.double().cpu() if per_feature else theta
+    keep = pre64.detach() > th64
+    assert (keep.sum(1) == 0).any() and keep.any(), "the case should have both empty and non-empty rows"
+    valid = check_padded(code, keep, pre64, relu=False)
+    check_encode_grads(code, x, W, b, x64, W64, b64, pre64, relu=False, valid=valid)
+    # a threshold above every value gives N empty rows
+    none = ops.threshold_encode(x, W, b, float("inf"), backend=backend)
+    assert none.values.shape == (N, 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"], indirect=True)
+def test_gradcheck_float64(backend):
+    """torch.autograd.gradcheck of both autograd Functions on tiny float64 inputs."""
+    x, W, b = (t.detach().double().requires_grad_() for t in make_encoder(5, 4, 9, "cpu", bias_scale=1.0))
+    W_dec = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+
+    def encode_decode(x, W, b, W_dec):
+        code = ops.topk_encode(x, W, b, 3, backend=backend)
+        return ops.sparse_decode(code.indices, code.values, W_dec, backend=backend)
+
+    assert torch.autograd.gradcheck(encode_decode, (x, W, b, W_dec), eps=1e-6, atol=1e-7)
+
+    def threshold(x, W, b):
+        return ops.threshold_encode(x, W, b, 0.3, backend=backend).values
+
+    assert torch.autograd.gradcheck(threshold, (x, W, b), eps=1e-6, atol=1e-7)
+
+
+def test_bad_input_raises_user_error():
+    x, W, b = make_encoder(3, 4, 6, "cpu")
+    with pytest.raises(UserError, match="k=7"):
+        ops.topk_encode(x, W, b, 7)
+    with pytest.raises(UserError, match="k=0"):
+        ops.batch_topk_encode(x, W, b, 0)
+    with pytest.raises(UserError, match="unknown ops backend"):
+        ops.topk_encode(x, W, b, 2, backend="cuda")
+    with pytest.raises(UserError, match="shapes disagree"):
+        ops.topk_encode(x, W[:, :3], b, 2)
+    with pytest.raises(UserError, match="one value per feature"):
+        ops.threshold_encode(x, W, b, torch.zeros(5))
+    with pytest.raises(UserError, match="sparse_decode expects"):
+        ops.sparse_decode(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 3), W)
+
+
+def test_auto_backend_choice():
+    cpu = ops.backend_for(torch.zeros(1))
+    assert cpu == ("cpp" if ops._cpp_kernels() is not None else "torch")
+    if torch.cuda.is_available():
+        assert ops.backend_for(torch.zeros(1, device="cuda")) == "triton"
+
+
+def test_cpp_build_failure_falls_back_to_torch(monkeypatch, caplog):
+    import sae_fast.csrc
+
+    def no_compiler():
+        raise RuntimeError("error: command 'c++' not found")
+
+    monkeypatch.setattr(sae_fast.csrc, "load_extension", no_compiler)
+    ops._cpp_kernels.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="sae_fast.ops"):
+            assert ops.backend_for(torch.zeros(1)) == "torch"
+        assert "C++ kernels unavailable" in caplog.text and "c++" in caplog.text
+        with pytest.raises(UserError, match="backend 'cpp' is unavailable"):
+            ops.topk_encode(*make_encoder(3, 4, 6, "cpu"), 2, backend="cpp")
+    finally:
+        ops._cpp_kernels.cache_clear()
