@@ -57,7 +57,8 @@ class GeneAlignment:
 
     def summary(self) -> str:
         return (f"{len(self.matched)}/{self.n_vocab} vocabulary genes found in the data; "
-                f"{len(self.missing_from_data)} filled with 0, {len(self.dropped_from_data)} data genes dropped")
+                f"{len(self.missing_from_data)} absent from the data (input as 0), "
+                f"{len(self.dropped_from_data)} data genes outside the vocabulary dropped")
 
 
 class PreparedData:
