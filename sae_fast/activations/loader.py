@@ -1,0 +1,153 @@
+"""Streaming shards into the trainer: a shuffle across shards whose memory does not grow with the data set.
+
+Each epoch, the tokens are cut into chunks of `chunk_tokens` contiguous tokens (never crossing a shard) and
+the chunks are put in a random order. Consecutive chunks form a mixing window of `buffer_mb` megabytes of
+activations; the window's token ids are permuted in blocks of `block_tokens` consecutive tokens (by default
+one 4 KB page: 4 tokens at d = 640 in float16, 16 at d = 128; `block_tokens=1` shuffles single tokens, at
+about half the speed: a random gather is bound by memory latency) and batches are cut from them (ids that do
+not fill a whole batch are carried into the next window). A batch is then gathered with one copy straight from
+the memory-mapped shards into its tensor, its ids sorted so that the reads walk forward through the files.
+After each window the mapped pages are released (`Shards.release`), so the resident set stays near the
+window plus a few MB per chunk (the kernel maps whole page-cache folios around each touched row: ~200 MB at
+the defaults, 32 MB windows of 1 MB chunks), whatever the size of the shard set. Every batch mixes tokens
+from ~window/chunk places (32 at the defaults) spread over the whole data set; a larger `buffer_mb` mixes
+more widely for more memory. The order is a pure function of (seed, epoch): two passes with the same pair
+are identical, and each epoch reshuffles.
+
+Distributed: the stream of global batches does not depend on the number of ranks. With `world_size` N (taken
+from torch.distributed when it is initialised), rank r yields rows [r*B/N, (r+1)*B/N) of every global batch of
+B rows, so N ranks averaging gradients take the same steps as one process with batch B, and each rank reads
+only its own rows (the shard set is partitioned by rank, row by row). The final partial batch is cut to a
+multiple of N so that every rank takes the same number of steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sae_fast.activations.shards import Shards
+from sae_fast.errors import UserError
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardLoader:
+    """A re-iterable source of token batches from a `Shards` directory (see the module docstring).
+
+    Each `iter()` is one epoch; the epoch counter advances after every complete pass, and `set_epoch(e)` sets
+    it (the trainer calls it when resuming so that epoch e is shuffled exactly as in an uninterrupted run)."""
+
+    def __init__(self, shards: Shards, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 epoch: int = 0, buffer_mb: float = 32, chunk_tokens: int | None = None,
+                 with_ids: bool = False, dtype: torch.dtype | None = None, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = False, block_tokens: int | None = None):
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        self.shards, self.batch_size, self.shuffle, self.seed = shards, int(batch_size), shuffle, seed
+        self.epoch, self.with_ids, self.dtype, self.drop_last = epoch, with_ids, dtype, drop_last
+        row_bytes = shards.d * np.dtype(shards.array(0).dtype).itemsize if shards.n_tokens else 1
+        # shuffle unit: one page (4 KB) of consecutive tokens by default; 1 = every token on its own
+        self.block_tokens = max(1, int(block_tokens or -(-4096 // row_bytes)))
+        r, n = world()
+        self.rank, self.world_size = (r if rank is None else rank), (n if world_size is None else world_size)
+        if self.batch_size % self.world_size:
+            raise UserError(f"batch_size {batch_size} is not divisible by the {self.world_size} ranks; "
+                            "choose a multiple of the number of processes")
+        self.chunk_tokens = int(chunk_tokens or max(1, (1 << 20) // row_bytes))  # ~1 MB chunks
+        # a window holds at least a batch and a chunk, so that every window yields a batch
+        self.buffer_tokens = max(int(buffer_mb * 2**20 // row_bytes), self.batch_size + self.chunk_tokens)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows this rank yields per epoch (what the trainer sizes its schedule by)."""
+        full, rest = divmod(self.shards.n_tokens, self.batch_size)
+        return full * self.batch_size // self.world_size + (0 if self.drop_last else rest // self.world_size)
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        full, rest = divmod(self.shards.n_tokens, self.batch_size)
+        return full + (not self.drop_last and rest // self.world_size > 0)
+
+    def _chunks(self, rng: np.random.Generator | None) -> np.ndarray:
+        """[n_chunks, 2] global (start, stop) token ranges, in random order if shuffling."""
+        parts = [np.stack([st, np.minimum(st + self.chunk_tokens, hi)], 1)
+                 for lo, hi in zip(self.shards.offsets[:-1], self.shards.offsets[1:])
+                 for st in [np.arange(lo, hi, self.chunk_tokens)]]
+        chunks = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        return chunks[rng.permutation(len(chunks))] if rng is not None else chunks
+
+    def __iter__(self):
+        epoch = self.epoch
+        yield from self._epoch(epoch)
+        self.epoch = epoch + 1
+
+    def _epoch(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        chunks = self._chunks(rng)
+        B, N = self.batch_size, self.world_size
+        part = slice(self.rank * B // N, (self.rank + 1) * B // N)
+        carry = np.zeros(0, np.int64)
+        j = 0
+        while True:
+            ids, room = [carry], self.buffer_tokens - len(carry)
+            while j < len(chunks) and chunks[j, 1] - chunks[j, 0] <= room:
+                ids.append(np.arange(chunks[j, 0], chunks[j, 1]))
+                room -= chunks[j, 1] - chunks[j, 0]
+                j += 1
+            ids = np.concatenate(ids)
+            if rng is not None:
+                ids = ids[self._shuffled_positions(rng, len(ids))]
+            n_full = len(ids) // B
+            for b in range(n_full):
+                yield self._batch(ids[b * B:(b + 1) * B][part])
+            carry = ids[n_full * B:]
+            self.shards.release()
+            if j == len(chunks):
+                m = len(carry) // N
+                if m and not self.drop_last:
+                    yield self._batch(carry[self.rank * m:(self.rank + 1) * m])
+                    self.shards.release()
+                return
+
+    def _shuffled_positions(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """A permutation of range(n) that moves blocks of `block_tokens` consecutive positions together."""
+        g = self.block_tokens
+        if g == 1:
+            return rng.permutation(n)
+        pos = (rng.permutation(-(-n // g))[:, None] * g + np.arange(g)).ravel()
+        return pos[pos < n]
+
+    def _batch(self, rows: np.ndarray):
+        """Gather tokens `rows` (global ids) with one copy from the mapped shards; rows are sorted first (the
+        order inside a batch is irrelevant to training, and forward reads are faster)."""
+        s = self.shards
+        rows = np.sort(rows)
+        shard_of = np.searchsorted(s.offsets, rows, "right") - 1
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        acts = np.empty((len(rows), s.d), s.array(0).dtype)
+        cells = np.empty(len(rows), np.int64) if self.with_ids else None
+        genes = np.empty(len(rows), np.int32) if self.with_ids else None
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]])):
+            i = int(shard_of[lo])
+            local = rows[lo:hi] - s.offsets[i]
+            np.take(s.array(i), local, axis=0, out=acts[lo:hi], mode="clip")  # 'raise' buffers
+            if self.with_ids:
+                np.take(s.array(i, "cells"), local, out=cells[lo:hi], mode="clip")
+                np.take(s.array(i, "genes"), local, out=genes[lo:hi], mode="clip")
+        x = s.as_tensor(acts)
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        if not self.with_ids:
+            return x
+        return x, torch.from_numpy(cells), torch.from_numpy(genes)
