@@ -4,6 +4,7 @@ The public API is small and imported lazily, so `import sae_fast` (and the CLI's
 
     sae_fast.TopKSAE, BatchTopKSAE, ReLUSAE, GatedSAE, MatryoshkaSAE   the SAE family
     sae_fast.train_sae(source, config=None, **overrides)             train on tensors, shards or a model
+    sae_fast.evaluate(sae, source)                                   FVU, L0, dead % on held-out data
     sae_fast.load_sae(dir)                                           safetensors + cfg.json, never pickle
     sae_fast.load_model(name, path=None)                             scFMs: aido_cell_*, scgpt, geneformer, mini
     sae_fast.extract(model, adata, layer, out, ...)                  residual stream -> memory-mapped shards
@@ -24,13 +25,14 @@ _ATTRS = {
     "SAEConfig": "sae_fast.sae.modules",
     "TrainConfig": "sae_fast.sae.train",
     "train_sae": "sae_fast.sae.train",
+    "evaluate": "sae_fast.sae.train",
     "load_sae": "sae_fast.sae.checkpoint",
     "load_model": "sae_fast.models.registry",
     "extract": "sae_fast.activations.extract",
     "open_shards": "sae_fast.activations.shards",
     "SparseCode": "sae_fast.ops",
 }
-_MODULES = {"ops", "datasets", "interpret", "activations", "models", "sae", "steer"}
+_MODULES = {"ops", "datasets", "interpret", "activations", "models", "sae"}
 
 __all__ = sorted(_ATTRS) + sorted(_MODULES)
 

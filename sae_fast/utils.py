@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 # Set by the CLI's -q / -v; library users get bars by default.
 VERBOSITY = 1
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -24,6 +27,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the permissions open() would
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -38,9 +42,12 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def progress(total=None, desc: str = "", unit: str = "it", **kw):
-    """A tqdm bar honouring the CLI's verbosity. Use `unit="tok"` and `unit_scale=True` for tokens/s."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=VERBOSITY < 1, dynamic_ncols=True, leave=False, **kw)
+def progress(total=None, desc: str = "", unit: str = "it", *, disable: bool = False, **kw):
+    """A tqdm bar honouring the CLI's verbosity. Use `unit="tok"` and `unit_scale=True` for tokens/s.
+
+    `disable=True` silences it regardless (e.g. on every rank but 0 of a distributed run)."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable or VERBOSITY < 1, dynamic_ncols=True,
+                leave=False, **kw)
 
 
 def machine_description() -> dict:

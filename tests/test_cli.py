@@ -17,5 +17,15 @@ def test_every_subcommand_has_help_for_every_option():
 
 
 def test_module_entry_point_prints_help():
-    out = subprocess.run([sys.executable, "-m", "sae_fast", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "sae_fast", "--help"], capture_output=True, text=True,
+                         check=True)
     assert "sae-fast" in out.stdout and "demo" in out.stdout
+
+
+def test_every_subcommand_help_renders():
+    """`sae-fast COMMAND --help` formats (argparse %-expands help strings: a bare % breaks it)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert f"sae-fast {name}" in text and "--quiet" in text, name

@@ -49,21 +49,31 @@ def record(bench: str, config: dict, device: str, ours_s: float, reference_s: fl
             "speedup": reference_s / ours_s if ours_s > 0 else float("nan"), **extra}
 
 
-def peak_rss_of(code: str) -> int:
-    """Run `code` in a fresh Python process and return its peak RSS in bytes (minus the bare-import baseline).
+def peak_rss_of(code: str, *, baseline: bool = True) -> int:
+    """Run `code` in a fresh Python process and return its peak RSS in bytes.
 
+    With `baseline`, the process's peak after `import torch` is subtracted; without, it is the whole process.
     Used to compare peak memory of ours vs a reference without one polluting the other's high-water mark."""
+    # VmHWM is this process's own high-water mark; ru_maxrss would inherit the parent's across fork+exec.
     prog = (
-        "import resource, torch, sys\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "import torch, sys\n"
+        f"from {__name__} import self_peak_rss\n"
+        f"base = self_peak_rss() if {baseline} else 0\n"
         f"{code}\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
+        "print(self_peak_rss() - base)\n"
     )
     out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def self_peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM from /proc/self/status; ru_maxrss where /proc is absent)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
