@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from sae_fast import ops
-from sae_fast.benchmarks.common import device_name, record, time_fn
-from sae_fast.benchmarks.encode import FULL, QUICK, devices, encoder_tensors
+from sae_fast.benchmarks.common import time_fn
+from sae_fast.benchmarks.encode import FULL, QUICK, devices, encoder_tensors, kernel_record
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -42,10 +42,6 @@ def bench_device(device: str, cfg: dict, repeat: int) -> dict:
         dense.grad = W_dec.grad = None
         (dense @ W_dec).backward(g)
 
-    def floor():
-        with torch.no_grad():
-            torch.addmm(b, x, W_enc.T)
-
     def timed_sparsify(decode):
         def step():
             values.grad = W_dec.grad = None
@@ -62,9 +58,4 @@ def bench_device(device: str, cfg: dict, repeat: int) -> dict:
             extra["sparsify_triton_decode_s"] = timed_sparsify(triton_decode)
     except ImportError:
         pass
-    ours_s = time_fn(ours, repeat=repeat)
-    floor_s = time_fn(floor, repeat=repeat)
-    config = {**cfg, "dtype": "float32", "pass": "forward+backward"}
-    return record("decode", config, device_name(device), ours_s, time_fn(reference, repeat=repeat),
-    backend=ops.backend_for(x), floor_s=floor_s,
-                  ours_over_floor=ours_s / floor_s, **extra)
+    return kernel_record("decode", cfg, device, ours, reference, (x, W_enc, b), repeat, **extra)

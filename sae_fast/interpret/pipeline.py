@@ -298,7 +298,7 @@ def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
 
 def format_summary(result: InterpretResult, features: list[int] | None = None, n_examples: int = 3) -> str:
     """A short text summary: enriched shares per basis, the Mann-Whitney test on max IC, a few example
-    features (given, or the most significant ones) with their top genes and terms."""
+    features (given, or the most significant ones with distinct best terms) with their top genes and terms."""
     s = result.summary
     lines = [f"Interpretation of {s['n_features']} SAE features over {s['n_cells']} cells "
              f"({s['n_tokens']:,} gene tokens; background {s['n_background_genes']} genes, "
@@ -316,7 +316,9 @@ def format_summary(result: InterpretResult, features: list[int] | None = None, n
             raise UserError(f"feature {bad[0]} is out of range: the SAE has features 0..{len(feats) - 1}")
         chosen = list(features)
     else:
-        chosen = list(feats[feats.n_sig > 0].sort_values("best_q", kind="stable").feature[:n_examples])
+        # the most significant feature of each distinct best term: examples that show different biology
+        enriched = feats[feats.n_sig > 0].sort_values("best_q", kind="stable")
+        chosen = list(enriched.drop_duplicates("best_term").feature[:n_examples])
     enr = result.enrichment[result.enrichment.basis == "sae"]
     for f in chosen:
         row = feats.iloc[f]
@@ -331,6 +333,12 @@ def format_summary(result: InterpretResult, features: list[int] | None = None, n
         c = result.components.iloc[0]
         lines.append(f"  overlap graph: {len(result.components)} components of >= 2 features; largest has "
                      f"{c.n_features} features" + (f", sharing {c.shared_terms}" if c.shared_terms else ""))
+    assoc = result.cell_association
+    if len(assoc):
+        best = assoc.sort_values("rank", kind="stable").groupby(["key", "label"], sort=False).head(1)
+        for key, rows in best.groupby("key", sort=False):
+            shown = "; ".join(f"{r.label} f{r.feature} ({r.ami:.2f}, {r.f1:.2f})" for r in rows.itertuples())
+            lines.append(f"  best feature per {key} (AMI, F1): {shown}")
     fam = [c for c in feats.columns if c.startswith("family_")]
     if fam:
         dominated = {c[7:]: int((feats[c] > 0.5).sum()) for c in fam}

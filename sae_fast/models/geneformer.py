@@ -43,7 +43,7 @@ import torch
 from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.aido_cell import default_device_dtype
 from sae_fast.models.base import CellBatch, Hook, ModelOutput, PreparedData, ScFM
-from sae_fast.models.scgpt import count_rows, gene_projection
+from sae_fast.models.genes import count_rows, match_genes
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +139,10 @@ class Geneformer(ScFM):
         value that was ranked)."""
         if gene_key is None and "ensembl_id" in adata.var:
             gene_key = "ensembl_id"
-        if gene_key is not None and gene_key not in adata.var:
-            raise UserError(f"adata.var has no column {gene_key!r}; columns: "
-                            f"{', '.join(map(str, adata.var))}")
-        if layer is not None and layer not in adata.layers:
-            raise UserError(f"adata.layers has no {layer!r}; layers: {', '.join(adata.layers) or 'none'}")
-        names = adata.var[gene_key].astype(str).tolist() if gene_key is not None else adata.var_names.tolist()
-        P, matched, alignment = gene_projection(names, self.genes)
-        if len(matched) == 0:
-            raise UserError("no gene of the AnnData is in Geneformer's token dictionary, which uses Ensembl "
-                            "ids (e.g. 'ENSG00000167286'): add adata.var['ensembl_id'] or pass gene_key=")
-        log.info("Geneformer: %s", alignment.summary())
+        P, matched, alignment = match_genes(
+            adata, self.genes, gene_key=gene_key, layer=layer, model="Geneformer",
+            no_overlap="no gene of the AnnData is in Geneformer's token dictionary, which uses Ensembl ids (e.g. "
+                       "'ENSG00000167286'): add adata.var['ensembl_id'] or pass gene_key=")
         median = self._median[matched]
         n_counts = None
         if n_counts_key in adata.obs:

@@ -38,14 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
 from sae_fast.config import option
 from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.aido_cell import default_device_dtype
-from sae_fast.models.base import CellBatch, GeneAlignment, Hook, ModelOutput, PreparedData, ScFM
+from sae_fast.models.base import CellBatch, Hook, ModelOutput, PreparedData, ScFM
+from sae_fast.models.genes import count_rows, match_genes
 
 log = logging.getLogger(__name__)
 
@@ -102,53 +102,6 @@ def bin_values(x: np.ndarray, n_bins: int, rng) -> np.ndarray:
     left = np.digitize(x, edges)
     right = np.digitize(x, edges, right=True)
     return np.ceil(rng.random(len(x)) * (right - left) + left).astype(np.int64)
-
-
-def gene_projection(data_genes: Sequence[str], vocab_genes: Sequence[str]
-                    ) -> tuple[sp.csr_matrix, np.ndarray, GeneAlignment]:
-    """Map the data's genes onto a vocabulary: returns (P, matched, alignment).
-
-    P [n_data_genes, n_matched] sums the data columns of each matched vocabulary gene (duplicated names are
-    added up); `matched` holds the vocabulary index of each column of X @ P."""
-    index = {g: i for i, g in enumerate(vocab_genes)}
-    data_genes = [str(g) for g in data_genes]
-    cols = np.array([index.get(g, -1) for g in data_genes], dtype=np.int64)
-    rows = np.flatnonzero(cols >= 0)
-    matched, col_of = np.unique(cols[rows], return_inverse=True)
-    P = sp.csr_matrix((np.ones(len(rows)), (rows, col_of)), shape=(len(data_genes), len(matched)))
-    present = set(matched.tolist())
-    alignment = GeneAlignment(
-        n_vocab=len(vocab_genes),
-        matched=[vocab_genes[i] for i in matched],
-        missing_from_data=[g for i, g in enumerate(vocab_genes) if i not in present],
-        dropped_from_data=[g for g, c in zip(data_genes, cols) if c < 0],
-    )
-    return P, matched, alignment
-
-
-def count_rows(adata, rows: np.ndarray, P: sp.csr_matrix, *, layer: str | None, model: str,
-               integer: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Dense [B, n_matched] values of cells `rows` on the matched genes, and each cell's total over all genes.
-
-    Only these rows are densified. Negative or non-finite values (and non-integers where `integer`) raise a
-    UserError naming the cell, the gene and the fix."""
-    X = adata.layers[layer] if layer is not None else adata.X
-    Xb = X[rows]
-    Xb = sp.csr_matrix(Xb) if not sp.issparse(Xb) else Xb.tocsr()
-    data = Xb.data
-    bad = ~np.isfinite(data) | (data < 0)
-    if integer:
-        bad |= data != np.round(data)
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        r = int(np.searchsorted(Xb.indptr, k, side="right") - 1)
-        where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-        need = "raw counts (non-negative integers)" if integer else "non-negative, finite expression values"
-        raise UserError(f"{where} holds {float(data[k])!r} at cell {adata.obs_names[rows[r]]!r}, gene "
-                        f"{adata.var_names[Xb.indices[k]]!r}; {model} expects {need}: pass "
-                        "adata.raw.to_adata() or choose another layer=")
-    totals = np.asarray(Xb.sum(axis=1), dtype=np.float64).ravel()
-    return np.asarray((Xb @ P).todense(), dtype=np.float64), totals
 
 
 class _GeneEncoder(nn.Module):
@@ -230,17 +183,10 @@ class ScGPT(ScFM):
         adata.layers[layer]) may be raw counts or normalised (binning ignores per-cell scale and log1p) but
         must be non-negative. Binning ties and gene sampling draw from a generator seeded by (seed, cell row),
         so every pass, and every batch size, gives the same tokens."""
-        if gene_key is not None and gene_key not in adata.var:
-            raise UserError(f"adata.var has no column {gene_key!r}; columns: "
-                            f"{', '.join(map(str, adata.var))}")
-        if layer is not None and layer not in adata.layers:
-            raise UserError(f"adata.layers has no {layer!r}; layers: {', '.join(adata.layers) or 'none'}")
-        names = adata.var[gene_key].astype(str).tolist() if gene_key is not None else adata.var_names.tolist()
-        P, matched, alignment = gene_projection(names, self.genes)
-        if len(matched) == 0:
-            raise UserError("no gene of the AnnData matches scGPT's vocab.json (gene symbols such as "
-                            "'CD3E'); pass gene_key= naming an adata.var column of HGNC symbols")
-        log.info("scGPT: %s", alignment.summary())
+        P, matched, alignment = match_genes(
+            adata, self.genes, gene_key=gene_key, layer=layer, model="scGPT",
+            no_overlap="no gene of the AnnData matches scGPT's vocab.json (gene symbols such as 'CD3E'); pass "
+                       "gene_key= naming an adata.var column of HGNC symbols")
         max_len = max_seq_len or self.cfg.max_seq_len
         if max_len < 2:
             raise UserError(f"max_seq_len = {max_len}; it must leave room for <cls> and at least one gene")
@@ -417,4 +363,4 @@ def _check_state(model: nn.Module, state: dict, where: Path) -> None:
                                   f"{tuple(v.shape)} from args.json")
 
 
-__all__ = ["ScGPT", "ScGPTConfig", "bin_values", "count_rows", "gene_projection", "load_scgpt"]
+__all__ = ["ScGPT", "ScGPTConfig", "bin_values", "load_scgpt"]
