@@ -6,9 +6,10 @@ tolerance); values and every gradient are then compared with the float64 referen
 Decode: output and gradients against a dense [N, F] code times W_dec in float64. Relative error = ||ours -
 ref|| / ||ref|| <= 1e-5 on fp32 inputs.
 
-torch and cpp run the full grid N x d x F x k (k = F = 5120 only for N <= 37, where it is cheap); triton (CPU
-interpreter unless CUDA is present) runs a subset in which every value of every dimension appears, including
-the big case N=4096, d=640, F=5120, k=32 with gradients, plus its multi-slice top-k merge and large-k path.
+Every backend runs the full grid N x d x F x k, except that triton under the CPU interpreter leaves out the one
+case N=4096, d=640, F=5120, k=F (about 12 minutes there; it runs where CUDA is present); triton also gets its
+multi-slice top-k merge and large-k path. With ReLU, the mask is ours: fp32 and fp64 may disagree on a sign
+within rounding of 0, and only there.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ from sae_fast import ops
 from sae_fast.errors import UserError
 
 TOL = 1e-5
-GRID = [
-    (N, d, F, k)
-    for N, d, F, k in itertools.product([1, 37, 4096], [8, 640], [64, 5120], [1, 32, "F"])
-    if not (k == "F" and F == 5120 and N > 37)
-]
-TRITON_GRID = [(4096, 640, 5120, 32), (37, 8, 64, 64), (1, 8, 5120, 1), (37, 640, 64, 32), (1, 8, 5120, "F")]
+GRID = list(itertools.product([1, 37, 4096], [8, 640], [64, 5120], [1, 32, "F"]))
+# Triton's CPU interpreter takes ~12 minutes for the encoder at this case alone (run once by hand on 2026-12-01:
+# it passed); it runs wherever CUDA is present.
+INTERPRETER_TOO_SLOW = (4096, 640, 5120, "F")
+
+
+def grid_cases():
+    for backend in ("torch", "cpp", "triton"):
+        for case in GRID:
+            slow = backend == "triton" and case == INTERPRETER_TOO_SLOW and not torch.cuda.is_available()
+            marks = pytest.mark.skip(reason="Triton interpreter: ~12 min for this case; runs on CUDA") if slow else ()
+            yield pytest.param(backend, *case, marks=marks, id=f"{backend}-{'-'.join(map(str, case))}")
 
 
 @pytest.fixture
@@ -87,7 +94,12 @@ def check_encode_grads(code, x, W, b, x64, W64, b64, pre64, relu, valid=None):
     idx = code.indices.cpu()
     vals64 = pre64.gather(1, idx)
     if relu:
-        vals64 = vals64.relu()
+        # The ReLU mask is ours: fp32 and fp64 may disagree on the sign of a pre-activation within rounding of
+        # 0 (with k = F over 21M pairs a few always do, and each flips a whole gradient term), but nowhere else.
+        active = code.values.detach().cpu() > 0
+        flipped = active != (vals64.detach() > 0)
+        assert (vals64.detach()[flipped].abs() <= 1e-5 * float(pre64.detach().abs().max())).all()
+        vals64 = torch.where(active, vals64, 0)
     if valid is not None:
         vals64 = torch.where(valid, vals64, 0)
     assert rel(code.values, vals64) <= TOL
@@ -125,31 +137,16 @@ def run_decode_case(backend, N, d, F, k):
     assert rel(W_dec.grad, W64.grad) <= TOL
 
 
-cpu_backends = pytest.mark.parametrize("backend", ["torch", "cpp"], indirect=True)
 all_backends = pytest.mark.parametrize("backend", ["torch", "cpp", "triton"], indirect=True)
 
 
-@cpu_backends
-@pytest.mark.parametrize("N,d,F,k", GRID)
+@pytest.mark.parametrize("backend,N,d,F,k", list(grid_cases()), indirect=["backend"])
 def test_topk_encode_grid(backend, N, d, F, k):
     run_topk_case(backend, N, d, F, k)
 
 
-@cpu_backends
-@pytest.mark.parametrize("N,d,F,k", GRID)
+@pytest.mark.parametrize("backend,N,d,F,k", list(grid_cases()), indirect=["backend"])
 def test_sparse_decode_grid(backend, N, d, F, k):
-    run_decode_case(backend, N, d, F, k)
-
-
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@pytest.mark.parametrize("N,d,F,k", TRITON_GRID)
-def test_triton_topk_encode(backend, N, d, F, k):
-    run_topk_case(backend, N, d, F, k)
-
-
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@pytest.mark.parametrize("N,d,F,k", TRITON_GRID)
-def test_triton_sparse_decode(backend, N, d, F, k):
     run_decode_case(backend, N, d, F, k)
 
 
