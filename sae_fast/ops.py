@@ -170,7 +170,8 @@ class TritonKernels(TorchKernels):
     """CUDA (or TRITON_INTERPRET=1 on the CPU): Triton kernels from sae_fast.kernels.
 
     Top-k is fused into the encoder GEMM up to k = kernels.encode.FUSED_MAX_K; above that the GEMM runs as a
-    Triton tile kernel over row chunks and torch.topk selects. fp64 (gradcheck) uses the torch kernels."""
+    Triton tile kernel over row chunks and torch.topk selects. Codes with k >= F / DENSE_FROM go through the
+    same tile GEMM as dense [N, F] matrices. fp64 (gradcheck) uses the torch kernels."""
 
     name = "triton"
 
@@ -191,15 +192,37 @@ class TritonKernels(TorchKernels):
             return self.encode.topk(x, W, b, k)
         return super().topk(x, W, b, k)
 
+    # From k >= F / DENSE_FROM a code is nearly dense: its [N, F] form costs at most DENSE_FROM x the [N, k] one,
+    # and the tile GEMM (tensor cores on a GPU) beats gathering k ~ F rows of M per token.
+    DENSE_FROM = 4
+
+    def _dense(self, idx, n_features):
+        return idx.numel() > 0 and idx.shape[1] * self.DENSE_FROM >= n_features
+
     def gather_combine(self, idx, w, M):
-        return self.sparse.gather_combine(idx, w, M) if self._native(w) else super().gather_combine(idx, w, M)
+        if not self._native(w):
+            return super().gather_combine(idx, w, M)
+        if self._dense(idx, M.shape[0]):
+            code = w.new_zeros(idx.shape[0], M.shape[0]).scatter_add_(1, idx, w)
+            return self.encode.linear(code, M.T, w.new_zeros(M.shape[1]))
+        return self.sparse.gather_combine(idx, w, M)
 
     def pair_dot(self, idx, G, M):
-        return self.sparse.pair_dot(idx, G, M) if self._native(G) else super().pair_dot(idx, G, M)
+        if not self._native(G):
+            return super().pair_dot(idx, G, M)
+        if self._dense(idx, M.shape[0]):
+            return self.encode.linear(G, M, G.new_zeros(M.shape[0])).gather(1, idx)
+        return self.sparse.pair_dot(idx, G, M)
 
     def segment_reduce(self, rev, w, X, n_features, with_sum=False):
         if not self._native(X):
             return super().segment_reduce(rev, w, X, n_features, with_sum)
+        if self._dense(w, n_features):
+            feats = torch.repeat_interleave(torch.arange(n_features, device=X.device), rev.offsets.diff())
+            code = X.new_zeros(X.shape[0], n_features)
+            code.index_put_((rev.order // w.shape[1], feats), w.reshape(-1)[rev.order].to(X.dtype), accumulate=True)
+            out = self.encode.linear(code.T, X.T, X.new_zeros(X.shape[1]))
+            return out, (code.sum(0) if with_sum else None)
         return self.sparse.segment_reduce(rev.order, rev.offsets, w, X, with_sum)
 
 

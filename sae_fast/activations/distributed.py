@@ -30,9 +30,12 @@ def init_from_env() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def shutdown() -> None:
-    """Destroy the process group if one is running."""
+def shutdown(*, wait: bool = True) -> None:
+    """Destroy the process group if one is running, after a barrier (`wait`): a rank that tears gloo down while
+    another still writes its files can abort ('terminate called without an active exception')."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -40,11 +43,13 @@ def shutdown() -> None:
 def process_group():
     """`with process_group() as (rank, world_size):` around a torchrun job; a no-op for a single process."""
     started = not (dist.is_available() and dist.is_initialized())
+    ok = False
     try:
         yield init_from_env()
+        ok = True
     finally:
         if started:
-            shutdown()
+            shutdown(wait=ok)  # after an error the other ranks may never reach a barrier
 
 
 def min_over_ranks(value: int) -> int:
