@@ -65,6 +65,11 @@ class ReverseIndex(NamedTuple):
     order: torch.Tensor  # [N*k] int64
     offsets: torch.Tensor  # [F+1] int64
 
+    def pair_features(self) -> torch.Tensor:
+        """The feature of each pair of `order` (non-decreasing, [N*k] int64)."""
+        n_features = len(self.offsets) - 1
+        return torch.repeat_interleave(torch.arange(n_features, device=self.offsets.device), self.offsets.diff())
+
 
 def reverse_index(indices: torch.Tensor, n_features: int) -> ReverseIndex:
     flat = indices.reshape(-1)
@@ -126,7 +131,7 @@ class TorchKernels:
     def segment_reduce(self, rev, w, X, n_features, with_sum=False):
         # The transpose: a sparse [F, N] matrix (built from the reverse index) times X.
         k = max(1, w.shape[1])
-        feats = torch.repeat_interleave(torch.arange(n_features, device=X.device), rev.offsets.diff())
+        feats = rev.pair_features()
         ws = w.reshape(-1)[rev.order]
         S = torch.sparse_coo_tensor(torch.stack([feats, rev.order // k]), ws, (n_features, X.shape[0]),
                                     check_invariants=False)
@@ -218,7 +223,7 @@ class TritonKernels(TorchKernels):
         if not self._native(X):
             return super().segment_reduce(rev, w, X, n_features, with_sum)
         if self._dense(w, n_features):
-            feats = torch.repeat_interleave(torch.arange(n_features, device=X.device), rev.offsets.diff())
+            feats = rev.pair_features()
             code = X.new_zeros(X.shape[0], n_features)
             code.index_put_((rev.order // w.shape[1], feats), w.reshape(-1)[rev.order].to(X.dtype), accumulate=True)
             out = self.encode.linear(code.T, X.T, X.new_zeros(X.shape[1]))
