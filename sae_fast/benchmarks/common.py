@@ -66,15 +66,21 @@ def peak_rss_of(code: str, *, baseline: bool = True) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def self_peak_rss() -> int:
-    """This process's peak RSS in bytes (VmHWM from /proc/self/status; ru_maxrss where /proc is absent)."""
+def proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS, ...) in bytes; None where /proc is absent."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def self_peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM from /proc/self/status; ru_maxrss where /proc is absent)."""
+    peak = proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def format_table(rows: list[dict]) -> str:

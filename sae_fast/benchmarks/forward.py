@@ -26,15 +26,11 @@ from pathlib import Path
 from unittest import mock
 from sae_fast.models import aido_cell
 from sae_fast.models.base import CellBatch
+from sae_fast.benchmarks.common import proc_status_bytes as rss
 from sae_fast.benchmarks.forward import naive_attention
 
 size, T, naive, repeat = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 torch.set_num_threads(int(sys.argv[5]))
-
-def rss(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
 
 model = aido_cell.random_aido_cell(aido_cell.AIDO_CELL_CONFIGS[size], device="cpu", dtype=torch.float32)
 values = torch.rand(1, T) * 5
