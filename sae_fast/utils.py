@@ -42,6 +42,35 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def table_format() -> str:
+    """How tables are stored: parquet when pyarrow is installed, else CSV."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return "csv"
+    return "parquet"
+
+
+def write_table(stem: str | os.PathLike, df) -> Path:
+    """Atomically write a DataFrame to STEM.parquet (STEM.csv without pyarrow), without its index."""
+    ext = table_format()
+    path = Path(f"{stem}.{ext}")
+    with atomic_path(path) as tmp:
+        if ext == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    return path
+
+
+def read_table(stem: str | os.PathLike):
+    """The DataFrame `write_table(stem, ...)` wrote."""
+    import pandas as pd
+
+    path = Path(f"{stem}.{table_format()}")
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
 def progress(total=None, desc: str = "", unit: str = "it", *, disable: bool = False, **kw):
     """A tqdm bar honouring the CLI's verbosity. Use `unit="tok"` and `unit_scale=True` for tokens/s.
 

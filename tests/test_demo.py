@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sae_fast.cli import main
 from sae_fast.commands.demo import demo_config_path
-from sae_fast.pipeline import load_config
+from sae_fast.run import load_config
 
 SHRINK = ["--set", "data.max_cells=48", "--set", "sae.epochs=1", "--set", "interpret.baselines=['raw']"]
 

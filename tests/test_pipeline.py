@@ -15,7 +15,7 @@ import pytest
 
 from sae_fast.cli import main
 from sae_fast.errors import UserError
-from sae_fast.pipeline import _sections, load_config, run_pipeline
+from sae_fast.run import load_config, run_pipeline, sections
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
@@ -107,13 +107,13 @@ def test_overrides_parse_toml_values():
 
 def test_docs_describe_every_key():
     run_doc = (ROOT / "docs" / "run.md").read_text()
-    for name, cls in _sections().items():
+    for name, cls in sections().items():
         if name == "sae":
             continue
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in run_doc, f"docs/run.md does not describe [{name}] {f.name}"
     train_doc = (ROOT / "docs" / "train.md").read_text()
-    for f in dataclasses.fields(_sections()["sae"]):
+    for f in dataclasses.fields(sections()["sae"]):
         flag = "--" + f.name.replace("_", "-")
         assert f"`{flag}`" in train_doc, f"docs/train.md does not describe TrainConfig.{f.name}"
 

@@ -31,7 +31,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from sae_fast.pipeline import load_config, run_pipeline
+    from sae_fast.run import load_config, run_pipeline
 
     config = load_config(demo_config_path(), args.overrides)
     result = run_pipeline(config, args.out, force=args.force,

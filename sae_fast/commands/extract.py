@@ -28,8 +28,7 @@ def add_arguments(parser):
                         "with ':PATH' to its checkpoint directory for every model except mini")
     parser.add_argument("--data", required=True, metavar="FILE.h5ad",
                         help="cells as raw counts: an .h5ad file or a bundled data set (pbmc_demo, pbmc3k)")
-    parser.add_argument("--counts", default=None, metavar="LAYER",
-                        help="adata.layers key holding the raw counts (default: adata.X)")
+    add_counts_argument(parser)
     parser.add_argument("--layer", required=True, type=int,
                         help="output of block L counted from 0, before the final norm")
     parser.add_argument("--out", required=True, metavar="DIR", help="shard directory to write")
@@ -51,25 +50,17 @@ def add_arguments(parser):
                         help="continue an interrupted extraction in DIR after its last complete shard")
 
 
+def add_counts_argument(parser):
+    parser.add_argument("--counts", default="X", metavar="WHERE",
+                        help="where the raw counts are: X, raw (adata.raw.X) or an adata.layers key (default: X)")
+
+
 def parse_model(spec: str):
     """'NAME[:PATH]' -> the loaded model."""
     from sae_fast import load_model
 
     name, _, path = spec.partition(":")
     return load_model(name, path=path or None)
-
-
-def read_cells(path: str, counts: str | None):
-    from sae_fast.datasets import read
-    from sae_fast.errors import UserError
-
-    adata = read(path)
-    if counts is not None:
-        if counts not in adata.layers:
-            layers = ", ".join(adata.layers) or "none"
-            raise UserError(f"{path}: no layer {counts!r} (--counts); layers: {layers}")
-        adata.X = adata.layers[counts]
-    return adata
 
 
 def read_gene_list(path: str) -> list[str]:
@@ -89,12 +80,13 @@ def run(args):
 
     from sae_fast.activations import extract
     from sae_fast.activations.distributed import process_group
+    from sae_fast.run.config import read_cells
 
     model = parse_model(args.model)
     if args.device is not None:
         model = model.to(torch.device(args.device))
     model.check_layer(args.layer)
-    adata = read_cells(args.data, args.counts)
+    adata = read_cells(args.data, args.counts, where="--counts")
     genes = read_gene_list(args.gene_filter) if args.gene_filter else None
     with process_group() as (rank, _):
         shards = extract(model, adata, args.layer, args.out, tokens=args.tokens, gene_filter=genes,

@@ -24,6 +24,7 @@ Examples:
 
 
 def add_arguments(parser):
+    from sae_fast.commands.extract import add_counts_argument
     from sae_fast.config import add_arguments as add_config
     from sae_fast.interpret.pipeline import InterpretConfig
 
@@ -35,8 +36,7 @@ def add_arguments(parser):
     parser.add_argument("--data", default="pbmc_demo", metavar="FILE.h5ad",
                         help="cells as raw counts: an .h5ad file or a bundled data set name "
                         "(default: pbmc_demo)")
-    parser.add_argument("--counts", metavar="LAYER",
-                        help="adata.layers key holding the raw counts (default: X)")
+    add_counts_argument(parser)
     parser.add_argument("--layer", type=int, help="block L the SAE reads (default with --shards: the shards' "
                         "layer)")
     parser.add_argument("--shards", metavar="DIR",
@@ -52,7 +52,7 @@ def add_arguments(parser):
 def run(args):
     import torch
 
-    from sae_fast.commands.extract import parse_model, read_cells
+    from sae_fast.commands.extract import parse_model
     from sae_fast.config import from_args
     from sae_fast.errors import UserError
     from sae_fast.interpret.pipeline import (
@@ -62,6 +62,7 @@ def run(args):
         shard_tokens,
         write_results,
     )
+    from sae_fast.run.config import read_cells
     from sae_fast.sae.checkpoint import load_sae
 
     cfg = from_args(InterpretConfig, args)
@@ -72,7 +73,7 @@ def run(args):
         raise UserError(f"--features {bad[0]} is out of range: the SAE in {args.sae} has features "
                         f"0..{n_features - 1}")
     model = parse_model(args.model).to(torch.device(args.device))
-    adata = read_cells(args.data, args.counts)
+    adata = read_cells(args.data, args.counts, where="--counts")
     tokens, layer = None, args.layer
     if args.shards:
         from sae_fast.activations.shards import open_shards

@@ -52,7 +52,7 @@ def add_run_options(parser, default_out: str | None = None):
 def run(args):
     from pathlib import Path
 
-    from sae_fast.pipeline import load_config, run_pipeline
+    from sae_fast.run import load_config, run_pipeline
 
     config = load_config(args.config, args.overrides)
     out = args.out or config.run.out or str(Path("runs") / Path(args.config).stem)

@@ -32,6 +32,7 @@ def _train_config():
 
 
 def add_arguments(parser):
+    from sae_fast.commands.extract import add_counts_argument
     from sae_fast.config import add_arguments as add_config
 
     src = parser.add_argument_group("source (one of --shards or --model/--data/--layer)")
@@ -40,7 +41,7 @@ def add_arguments(parser):
                      "(mini, aido_cell_100m:DIR, ...)")
     src.add_argument("--data", metavar="FILE.h5ad", help="cells as raw counts for --model (.h5ad or a "
                      "bundled name such as pbmc_demo)")
-    src.add_argument("--counts", metavar="LAYER", help="adata.layers key holding the raw counts (default: X)")
+    add_counts_argument(src)
     src.add_argument("--layer", type=int, help="block L whose output the SAE reads (with --model)")
     src.add_argument("--tokens", default="all", help="with --model: all / expressed ([Y]'s whole-cell "
                      "batches) or sample:N ([P]'s per-cell sampling through a mixing buffer) (default: all)")
@@ -79,12 +80,13 @@ def run(args):
         per_rank = dataclasses.replace(cfg, batch_size=cfg.batch_size // world_size)
         if fused:
             from sae_fast.activations.fused import fused_source
-            from sae_fast.commands.extract import parse_model, read_cells
+            from sae_fast.commands.extract import parse_model
+            from sae_fast.run.config import read_cells
 
             model = parse_model(args.model)
             model.check_layer(args.layer)
             _check_d(cfg, model.d_model, f"model {model.name}")
-            source = fused_source(model, read_cells(args.data, args.counts), args.layer, per_rank,
+            source = fused_source(model, read_cells(args.data, args.counts, where="--counts"), args.layer, per_rank,
                                   tokens=args.tokens, cells_per_batch=args.cells_per_batch,
                                   buffer_tokens=args.buffer_tokens)
         else:

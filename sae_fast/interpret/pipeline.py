@@ -254,25 +254,10 @@ def write_results(result: InterpretResult, out_dir, *, h5ad: bool = True) -> lis
     """Write every table (parquet if pyarrow is installed, else CSV) and the annotated AnnData, atomically.
 
     Returns the paths written: out_dir/tables/<name>.parquet|csv and out_dir/annotated.h5ad."""
-    from sae_fast.utils import atomic_path, write_json
+    from sae_fast.utils import atomic_path, write_json, write_table
 
     out = Path(out_dir)
-    try:
-        import pyarrow  # noqa: F401
-
-        ext = "parquet"
-    except ImportError:
-        ext = "csv"
-    paths = []
-    for name in TABLES:
-        df = getattr(result, name)
-        path = out / "tables" / f"{name}.{ext}"
-        with atomic_path(path) as tmp:
-            if ext == "parquet":
-                df.to_parquet(tmp, index=False)
-            else:
-                df.to_csv(tmp, index=False)
-        paths.append(path)
+    paths = [write_table(out / "tables" / name, getattr(result, name)) for name in TABLES]
     write_json(out / "summary.json", result.summary)
     paths.append(out / "summary.json")
     if h5ad and result.adata is not None:

@@ -1,0 +1,101 @@
+"""run_pipeline: load and check everything, open the run folder, walk STAGES (skipping those done earlier)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from sae_fast import utils
+from sae_fast.errors import UserError
+from sae_fast.run.config import RunConfig, read_cells
+from sae_fast.run.context import Context
+from sae_fast.run.folder import RunFolder
+
+
+class RunResult(NamedTuple):
+    out: Path
+    summary: str  # the printed summary table, ending with "finished in N s"
+    seconds: float  # this invocation's wall time
+    resumed: bool
+    skipped: list[str]  # stages already done by an earlier invocation
+
+
+def check_sae(sae, model, where: str) -> None:
+    d = sae.W_dec.shape[1]
+    if d != model.d_model:
+        raise UserError(f"{where}: the SAE reads d = {d} but {model.name} has d_model = {model.d_model}; "
+                        "train an SAE on this model (remove run.sae) or load the matching model")
+
+
+def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Context:
+    """Load the model, the cells and [run] sae, and run every active stage's up-front check: everything that
+    can be wrong with the input (files, counts, vocabulary, layer, SAE size, feature indices) fails here,
+    before the run folder is touched."""
+    from sae_fast import load_model
+    from sae_fast.run.stages import STAGES
+
+    model = load_model(config.model.name, path=config.model.path)
+    try:
+        model.check_layer(config.extract.layer)
+    except UserError as e:
+        raise UserError(f"extract.layer: {e}") from None
+    data = config.data
+    adata = read_cells(data.path, data.counts, data.max_cells)
+    try:  # aligns the genes and checks the counts (finite, non-negative integers) before any forward pass
+        alignment = model.prepare(adata, batch_size=config.model.batch_size).alignment
+    except UserError as e:
+        raise UserError(f"{data.path}: {e}") from None
+    if utils.VERBOSITY >= 2:
+        print(f"{data.path}: {alignment.summary()}")
+    ctx = Context(config=config, folder=RunFolder(out), model=model, adata=adata, title=title)
+    if config.run.sae is not None:
+        from sae_fast import load_sae
+
+        ctx.sae = load_sae(config.run.sae)
+        check_sae(ctx.sae, model, f"run.sae = {config.run.sae}")
+    for stage in STAGES:
+        if stage.check is not None and stage.active(config):
+            stage.check(ctx)
+    return ctx
+
+
+def run_pipeline(config: RunConfig, out: str | Path | None = None, *, force: bool = False,
+                 title: str | None = None) -> RunResult:
+    """Run (or resume) the whole job of `config` in the folder `out` and return the summary."""
+    from sae_fast.run.stages import STAGES
+
+    t0 = time.perf_counter()
+    out = Path(out or config.run.out or "runs/run")
+    ctx = prepare(config, out, title)
+    ctx.started = t0
+    folder = ctx.folder
+    resumed = folder.open(config, force)
+    folder.log("resume" if resumed else "start", config=config.to_dict() if not resumed else None,
+               cells=ctx.adata.n_obs, genes=ctx.adata.n_vars, model=ctx.model.name)
+    ctx.say(f"{'resuming' if resumed else 'starting'} run in {out}: {ctx.model.name} layer "
+            f"{config.extract.layer}, {ctx.adata.n_obs} cells x {ctx.adata.n_vars} genes")
+
+    skipped = []
+    stages = [s for s in STAGES if s.active(config)]
+    for i, stage in enumerate(stages, 1):
+        earlier = folder.done(stage.name)
+        if stage.name != "summary" and earlier is not None:
+            skipped.append(stage.name)
+            ctx.results[stage.name] = earlier
+            ctx.say(f"[{i}/{len(stages)}] {stage.name}: done earlier, skipped")
+            continue
+        ctx.say(f"[{i}/{len(stages)}] {stage.name}")
+        folder.log("stage_start", stage=stage.name)
+        ts = time.perf_counter()
+        info = stage.run(ctx) or {}
+        seconds = time.perf_counter() - ts
+        ctx.results[stage.name] = {"seconds": round(seconds, 3), **info}
+        folder.log("stage_done", stage=stage.name, seconds=round(seconds, 3), **info)
+        folder.mark_done(stage.name, seconds, **info)
+        ctx.say(f"    {stage.name} took {seconds:.1f} s")
+    if config.extract.mode == "shards" and not config.extract.keep_shards and folder.shards.exists():
+        shutil.rmtree(folder.shards)
+    summary = (folder.path / "summary.txt").read_text().rstrip("\n")
+    return RunResult(out, summary, time.perf_counter() - t0, resumed, skipped)
