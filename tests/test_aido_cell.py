@@ -1,4 +1,9 @@
-"""AIDO.Cell: official-layout checkpoints load strictly and match SPEC's equations, written out here."""
+"""AIDO.Cell: official-layout checkpoints load strictly and match SPEC's equations, written out here.
+
+The reference, modelgenerator's modeling_cellfoundation.py, cannot be installed here with its dependencies (it
+pulls in lightning, flash-attn and the rest of modelgenerator's stack), so unlike scGPT and Geneformer the parity
+test compares against a float64 transcription of SPEC §4, whose equations were read off that file; the two cell
+embedding rules ([Y]'s and modelgenerator's) are transcribed from their code the same way."""
 
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ def write_checkpoint(path, sd, norm: str, bias: bool, fmt: str = "safetensors", 
 
 
 def reference_forward(sd, norm: str, values: torch.Tensor):
-    """SPEC §4 in float64, attention with the full T x T matrix. Returns (block outputs, expr, embedding)."""
+    """SPEC §4 in float64, attention with the full T x T matrix. Returns (block outputs, expr, final hidden)."""
     w = {k: v.double() for k, v in sd.items()}
 
     def lin(x, p):
@@ -126,7 +131,7 @@ def reference_forward(sd, norm: str, values: torch.Tensor):
     t = 0.5 * t * (1 + torch.erf(t / 2 ** 0.5))
     t = nrm(t, "cls.predictions.transform.LayerNorm")
     expr = (t @ w["cls.predictions.decoder.weight"].T)[..., 0] + w["cls.predictions.bias"]
-    return outs, expr[:, :N_GENES], last.mean(1)
+    return outs, expr[:, :N_GENES], last
 
 
 def random_counts(n_cells=5, genes=GENES, seed=0):
@@ -145,17 +150,22 @@ def test_parity_with_spec_equations(tmp_path, norm, bias, fmt):
     path = write_checkpoint(tmp_path / "ckpt", sd, norm, bias, fmt)
     model = load_model("aido_cell", path=path, dtype=torch.float64)
     assert (model.n_layers, model.d_model, model.genes) == (N_LAYERS, H, GENES)
-    batch = next(iter(model.prepare(random_counts(), batch_size=5)))
+    data_genes = GENES[5:30] + ["NOT_A_GENE"]  # genes 0-4 and 30-36 are absent from the AnnData
+    batch = next(iter(model.prepare(random_counts(genes=data_genes), batch_size=5)))
     values = batch.inputs["values"].clone()
-    values[0, 3], values[1, 5], values[2, 7] = -1.0, -2.0, -1.0  # masked and padded positions
-    batch = batch._replace(inputs={"values": values})
-    ref_outs, ref_expr, ref_emb = reference_forward(sd, norm, values)
+    values[0, 7], values[1, 5], values[2, 9] = -1.0, -2.0, -1.0  # masked and padded positions
+    batch = batch._replace(inputs={**batch.inputs, "values": values})
+    ref_outs, ref_expr, last = reference_forward(sd, norm, values)
     for layer in range(N_LAYERS):
         hidden = model(batch, layer=layer, stop=True).hidden
         torch.testing.assert_close(hidden, ref_outs[layer], rtol=1e-9, atol=1e-9)
     out = model(batch)
     torch.testing.assert_close(out.expression, ref_expr, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(out.embedding, ref_emb, rtol=1e-9, atol=1e-9)
+    # [Y]'s rule (default): mean over the vocabulary genes present in the AnnData, no depth tokens
+    torch.testing.assert_close(out.embedding, last[:, 5:30].mean(1), rtol=1e-9, atol=1e-9)
+    # modelgenerator's rule: drop the 2 depth tokens, average every other position
+    model.embedding_rule = "all_genes"
+    torch.testing.assert_close(model(batch).embedding, last[:, :N_GENES].mean(1), rtol=1e-9, atol=1e-9)
     model32 = load_model("aido_cell", path=path)  # fp32 on the CPU by default
     assert model32.bert.position_embedding.weight.dtype == torch.float32
     torch.testing.assert_close(model32(batch).expression.double(), ref_expr, rtol=1e-4, atol=1e-4)
@@ -198,6 +208,7 @@ def model_and_batch(tmp_path_factory):
     path = write_checkpoint(tmp_path_factory.mktemp("m") / "ckpt", official_state_dict("LayerNorm", True),
                             "LayerNorm", True)
     model = load_model("aido_cell", path=path)
+    model._path = path
     return model, next(iter(model.prepare(random_counts(4), batch_size=4)))
 
 
@@ -252,7 +263,7 @@ def test_edit_changes_only_downstream(model_and_batch):
 def test_prepare_normalisation_and_alignment(model_and_batch):
     model, _ = model_and_batch
     data_genes = ["G3", "EXTRA1", "G0", "G5", "G3", "EXTRA2", "G9"]  # G3 twice: the first column is used
-    X = np.array([[4, 100, 1, 0, 7, 5, 2], [0, 3, 0, 0, 0, 0, 0], [1e21, 0, 1, 0, 0, 0, 0]], np.float32)
+    X = np.array([[4, 100, 1, 0, 7, 5, 2], [0, 3, 0, 2, 0, 0, 0], [1e21, 0, 1, 0, 0, 0, 0]], np.float32)
     adata = ad.AnnData(sp.csr_matrix(X))
     adata.var_names = data_genes
     prepared = model.prepare(adata, batch_size=2)
@@ -334,7 +345,90 @@ def test_explicit_positions_select_genes(model_and_batch):
     assert torch.equal(model(same, layer=0, stop=True).hidden, full)
     keep = torch.tensor([2, 5, 11, T - 2, T - 1])
     sub = batch._replace(inputs={"values": values[:, keep], "positions": keep.expand(4, -1)},
-                         mask=batch.mask[:, keep])
+                         mask=batch.mask[:, keep], gene_ids=batch.gene_ids[:, keep])
     expected = model.embed(values)[:, keep]
     torch.testing.assert_close(model.embed(values[:, keep], keep.expand(4, -1)), expected)
     assert model(sub).expression.shape == (4, 5)
+
+
+def test_embedding_rules_and_the_present_mask(model_and_batch):
+    model, _ = model_and_batch
+    batch = next(iter(model.prepare(random_counts(3, genes=GENES[10:20] + ["X1"]), batch_size=3)))
+    present = batch.inputs["present"]
+    assert present.shape == (3, N_GENES + 2) and present[:, 10:20].all() and present.sum() == 30
+    last = model.bert.encoder.ln(model(batch, layer=N_LAYERS - 1, stop=True).hidden)
+    torch.testing.assert_close(model(batch).embedding, last[:, 10:20].mean(1))
+    other = load_model("aido_cell", path=model_and_batch[0]._path, embedding="all_genes")
+    torch.testing.assert_close(other(batch).embedding, last[:, :N_GENES].mean(1))
+    with pytest.raises(UserError, match="embedding = 'mean'.*present_genes.*all_genes"):
+        load_model("aido_cell", path=model_and_batch[0]._path, embedding="mean")
+
+
+def test_cells_without_counts_are_refused_or_dropped(model_and_batch):
+    """The reference gives NaN for a cell with no counts over the vocabulary: never zeros in silence."""
+    model, _ = model_and_batch
+    adata = random_counts(5, genes=GENES[:6] + ["OUTSIDE"])
+    X = adata.X.toarray()
+    X[1, :6] = 0
+    X[1, 6] = 9  # counts, but none on a vocabulary gene
+    X[3] = 0
+    adata.X = sp.csr_matrix(X)
+    with pytest.raises(UserError, match="cell 'cell1' \\(and 1 more\\) has no counts over aido_cell's vocabulary"):
+        model.prepare(adata)
+    with pytest.warns(UserWarning, match="dropped 2 of 5 cells"):
+        prepared = model.prepare(adata, batch_size=2, empty="drop")
+    assert len(prepared) == 2 and prepared.n_cells == 3 and prepared.alignment.dropped_cells == 2
+    assert "2 cells without counts" in prepared.alignment.summary()
+    batches = list(prepared)
+    assert torch.cat([b.cell_ids for b in batches]).tolist() == [0, 2, 4]
+    for b in batches:
+        out = model(b)
+        assert torch.isfinite(out.embedding).all() and torch.isfinite(out.expression).all()
+    with pytest.raises(UserError, match="empty = 'skip'"):
+        model.prepare(adata, empty="skip")
+
+
+def test_gene_identifiers_as_users_have_them():
+    """Ensembl ids (plain or versioned) in var_names or a column, and symbols in a var column, map onto the
+    symbol vocabulary; the alignment counts each route."""
+    from sae_fast.models.genes import id_table
+
+    to_symbol, _ = id_table()
+    genes = ["CD3E", "CD4", "MS4A1", "LYZ", "NKG7", "GNLY", "CD14", "FCGR3A"]
+    ens = {s: e for e, s in to_symbol.items() if s in genes}
+    assert set(ens) == set(genes)
+    model = random_aido_cell_small(genes)
+    adata = random_counts(4, genes=genes)
+    base = torch.cat([b.inputs["values"] for b in model.prepare(adata)])
+    variants = {
+        "var_names Ensembl->symbol": lambda a: a.var_names.__class__([ens[g] for g in genes]),
+        "var_names (version dropped) Ensembl->symbol": lambda a: a.var_names.__class__(
+            [ens[g] + ".10" for g in genes]),
+    }
+    for route, names in variants.items():
+        other = adata.copy()
+        other.var_names = names(adata)
+        prepared = model.prepare(other)
+        assert torch.equal(torch.cat([b.inputs["values"] for b in prepared]), base)
+        assert prepared.alignment.routes == {route.replace(" (version dropped)", ""): len(genes)}
+    for column in ("gene_symbols", "feature_name", "gene_name"):
+        other = adata.copy()
+        other.var[column] = genes
+        other.var_names = [f"ENSG_MADE_UP{i}" for i in range(len(genes))]
+        prepared = model.prepare(other)
+        assert torch.equal(torch.cat([b.inputs["values"] for b in prepared]), base)
+        assert prepared.alignment.routes == {f"var[{column!r}]": len(genes)}
+        assert f"via var[{column!r}] 8" in prepared.alignment.summary()
+    mixed = adata.copy()
+    mixed.var_names = [ens[g] if i % 2 else g for i, g in enumerate(genes)]
+    prepared = model.prepare(mixed)
+    assert prepared.alignment.routes == {"var_names": 4, "var_names Ensembl->symbol": 4}
+    assert torch.equal(torch.cat([b.inputs["values"] for b in prepared]), base)
+
+
+def random_aido_cell_small(genes):
+    from sae_fast.models.aido_cell import AIDOCellConfig, random_aido_cell
+
+    cfg = AIDOCellConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                         max_position_embeddings=len(genes))
+    return random_aido_cell(cfg, list(genes), device="cpu")

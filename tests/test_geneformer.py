@@ -1,4 +1,8 @@
-"""Geneformer adapter: parity with transformers' BertForMaskedLM, rank-value encoding, errors, hooks."""
+"""Geneformer adapter: parity with transformers' BertForMaskedLM, rank-value encoding, errors, hooks.
+
+The network is compared with transformers' BertForMaskedLM itself (every hidden state and the MLM head). The
+geneformer package (tokeniser, EmbExtractor) is not installable here, so the rank-value encoding and the mean
+pooling are checked against their documented rules, applied to the reference model's own hidden states."""
 
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ def _hf_dir(path, version, max_pos=24):
 def _adata(n_cells=6, seed=0):
     rng = np.random.default_rng(seed)
     X = rng.poisson(rng.gamma(0.5, 3.0, size=(n_cells, N_GENES + 2))).astype(np.float32)
-    X[1] = 0  # an empty cell
+    X[1] = 0
+    X[1, 4] = 2  # a cell with a single gene
     X[2, :] = rng.integers(1, 50, N_GENES + 2)  # every gene: truncated to the input size
     ids = [f"ENSG{i:011d}" for i in range(N_GENES)] + ["ENSG_UNKNOWN", "ENSG00000000003"]  # 1 id twice
     var = pd.DataFrame({"ensembl_id": ids}, index=[f"gene{i}" for i in range(N_GENES + 2)])
@@ -95,7 +100,8 @@ def test_rank_value_encoding(setup):
     ens = list(adata.var["ensembl_id"])
     prepared = model.prepare(adata, batch_size=4)
     # the last gene has a token but no median: outside the model's genes, like an unknown id
-    assert prepared.alignment.dropped_from_data == [f"ENSG{N_GENES - 1:011d}", "ENSG_UNKNOWN"]
+    assert prepared.alignment.dropped_from_data == [f"gene{N_GENES - 1}", f"gene{N_GENES}"]  # by var_names
+    assert prepared.alignment.routes == {"var['ensembl_id']": N_GENES}  # gene31 is ENSG00000000003 again
     assert len(prepared.alignment.matched) == N_GENES - 1 and not prepared.alignment.missing_from_data
     cells = {int(c): (b, j) for b in prepared for j, c in enumerate(b.cell_ids)}
     assert sorted(cells) == list(range(adata.n_obs))
@@ -194,3 +200,37 @@ def test_bad_checkpoints(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="'bert.embeddings.word_embeddings.weight'"):
         load_geneformer(tmp_path, token_dictionary=big, gene_median=medians)
+
+
+def test_gene_identifiers_and_empty_cells():
+    """Symbols (var_names or a var column) map onto Geneformer's Ensembl ids; versions are dropped; a cell
+    without vocabulary counts is refused or dropped with a warning, never a zero embedding in silence."""
+    from sae_fast.models.genes import id_table
+
+    _, to_ensembl = id_table()
+    genes = ["CD3E", "CD4", "MS4A1", "LYZ", "NKG7", "GNLY"]
+    ids = [to_ensembl[g][0] for g in genes]
+    tokens = {"<pad>": 0, "<mask>": 1, **{e: i + 2 for i, e in enumerate(ids)}}
+    medians = {e: 1.0 + i for i, e in enumerate(ids)}
+    cfg = dict(vocab_size=len(tokens), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=16, max_position_embeddings=16)
+    model = load_geneformer(token_dictionary=tokens, gene_median=medians, random_init_config=cfg, device="cpu")
+    X = np.random.default_rng(0).poisson(3.0, size=(4, 6)).astype(np.float32) + 1
+    adata = ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]),
+                       var=pd.DataFrame(index=ids))
+    base = next(iter(model.prepare(adata))).inputs["input_ids"]
+    for names, var, route in ((genes, {}, "var_names symbol->Ensembl"),
+                              ([e + ".12" for e in ids], {}, "var_names (version dropped)"),
+                              ([f"x{i}" for i in range(6)], {"gene_symbols": genes},
+                               "var['gene_symbols'] symbol->Ensembl")):
+        other = ad.AnnData(adata.X.copy(), obs=adata.obs, var=pd.DataFrame(var, index=names))
+        prepared = model.prepare(other)
+        assert prepared.alignment.routes == {route: 6}
+        assert torch.equal(next(iter(prepared)).inputs["input_ids"], base)
+    X[1] = 0
+    adata.X = sp.csr_matrix(X)
+    with pytest.raises(UserError, match="cell 'c1' has no counts over Geneformer's vocabulary"):
+        model.prepare(adata)
+    with pytest.warns(UserWarning, match="dropped 1 of 4 cells"):
+        prepared = model.prepare(adata, empty="drop")
+    assert next(iter(prepared)).cell_ids.tolist() == [0, 2, 3]

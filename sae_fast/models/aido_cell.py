@@ -8,7 +8,9 @@ The equations (SPEC §4, checked against the reference modeling code in the `mod
             -1 / -2 take mask_embedding / pad_embedding; h0 = e + position_embedding[arange(G + 2)]
     block   h += W_o Attn(N(h));  h += down(silu(gate(N h)) * up(N h))      (pre-norm, SwiGLU, non-causal)
     output  encoder.ln -> head: dense -> GELU -> N -> Linear(H, 1) + bias = predicted log1p-CPM per gene;
-            cell embedding = mean of the last hidden state over all positions (genes and the 2 depth tokens)
+            cell embedding = mean of the last hidden state over the vocabulary genes present in the input
+            AnnData ([Y]'s rule; embedding="all_genes": over every gene position, modelgenerator's), never
+            over the 2 depth tokens
 
 N is LayerNorm or RMSNorm and the linear layers carry biases or not, as config.json says. Attention runs via
 `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels): the 19,266 x 19,266
@@ -33,12 +35,19 @@ from torch import nn
 
 from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.base import CellBatch, GeneAlignment, Hook, ModelOutput, PreparedData, ScFM
+from sae_fast.models.checkpoint import check_state_dict, load_weights_only
+from sae_fast.models.genes import nonempty_rows, vocabulary_keys
 
 log = logging.getLogger(__name__)
 
 MASK_VALUE = -1.0
 PAD_VALUE = -2.0
 N_DEPTH_TOKENS = 2
+# The cell embedding: the mean of the final hidden state (after encoder.ln) over ...
+EMBEDDING_RULES = {
+    "present_genes": "[Y]'s code, the default: the vocabulary genes present in the input AnnData",
+    "all_genes": "modelgenerator's: every gene position, genes absent from the data included",
+}
 
 
 @dataclass
@@ -208,8 +217,12 @@ class AIDOCell(ScFM):
 
     name = "aido_cell"
 
-    def __init__(self, cfg: AIDOCellConfig, genes: list[str] | None = None):
+    def __init__(self, cfg: AIDOCellConfig, genes: list[str] | None = None, *, embedding: str = "present_genes"):
         super().__init__()
+        if embedding not in EMBEDDING_RULES:
+            raise UserError(f"embedding = {embedding!r}; choose {' or '.join(map(repr, EMBEDDING_RULES))} "
+                            f"({'; '.join(f'{k}: {v}' for k, v in EMBEDDING_RULES.items())})")
+        self.embedding_rule = embedding
         self.config = cfg
         self.genes = list(genes) if genes is not None else aido_cell_genes()
         if len(self.genes) != cfg.max_position_embeddings:
@@ -230,27 +243,36 @@ class AIDOCell(ScFM):
 
     # ------------------------------------------------------------------ input
     def prepare(self, adata, batch_size: int = 8, *, layer: str | None = None, mask_fraction: float = 0.0,
-                seed: int = 0) -> PreparedData:
+                seed: int = 0, gene_key: str | None = None, empty: str = "error") -> PreparedData:
         """Align `adata`'s genes to the vocabulary, normalise as AIDO.Cell does and stream CellBatch objects.
 
-        `adata.X` (or `adata.layers[layer]`) must hold raw counts; it may be sparse and is densified one batch
-        at a time. `inputs["values"]` is [B, G + 2]: log1p(counts / T * 1e4) per vocabulary gene (0 where the
-        data lacks the gene), then the two depth tokens max(log10 T, 5), all clamped at 20. With
-        `mask_fraction` > 0 a seeded random fraction of gene values is replaced by -1 (the masked-value task);
-        `expression` always holds the unmasked values."""
+        Genes: symbols or Ensembl ids, in var_names or a var column (`gene_key`, else found by name; see
+        sae_fast.models.genes). `adata.X` (or `adata.layers[layer]`) must hold raw counts; it may be sparse and
+        is densified one batch at a time. `inputs["values"]` is [B, G + 2]: log1p(counts / T * 1e4) per
+        vocabulary gene (0 where the data lacks the gene), then the two depth tokens max(log10 T, 5), all
+        clamped at 20; `inputs["present"]` marks the vocabulary genes found in the AnnData (what [Y]'s cell
+        embedding averages over). With `mask_fraction` > 0 a seeded random fraction of gene values is replaced
+        by -1 (the masked-value task); `expression` always holds the unmasked values. A cell with no counts over
+        the vocabulary (T = 0, NaN in the reference) is an error naming it, or with `empty="drop"` is left out
+        with a warning (`cell_ids` keep the AnnData's row numbers)."""
         X, where = _counts_matrix(adata, layer)
         names = [str(g) for g in adata.var_names]
-        cols, alignment = self._align(names, where)
+        cols, alignment = self._align(adata, names, where, gene_key)
         _check_counts(X, adata, names, where)
         log.info("%s: %s", self.name, alignment.summary())
-        n, G = X.shape[0], len(self.genes)
+        G = len(self.genes)
         present = np.flatnonzero(cols >= 0)
+        rows = nonempty_rows(adata, X, cols[present], empty=empty, model=self.name)
+        alignment.dropped_cells = X.shape[0] - len(rows)
         X_aligned = X[:, cols[present]]
+        present_mask = torch.zeros(G + N_DEPTH_TOKENS, dtype=torch.bool)
+        present_mask[torch.from_numpy(present)] = True
 
         def batches():
             rng = np.random.default_rng(seed)
-            for lo in range(0, n, batch_size):
-                block = X_aligned[lo:lo + batch_size]
+            for lo in range(0, len(rows), batch_size):
+                ids = rows[lo:lo + batch_size]
+                block = X_aligned[ids]
                 block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
                 counts = np.zeros((block.shape[0], G), np.float64)
                 counts[:, present] = block
@@ -262,25 +284,31 @@ class AIDOCell(ScFM):
                     values[:, :G] = values[:, :G].masked_fill(hide, MASK_VALUE)
                 B = values.shape[0]
                 gene_ids = torch.cat([torch.arange(G), torch.full((N_DEPTH_TOKENS,), -1)]).expand(B, -1)
-                yield CellBatch({"values": values}, gene_ids, torch.arange(lo, lo + B),
-                                torch.ones(B, G + N_DEPTH_TOKENS, dtype=torch.bool), expression)
+                yield CellBatch({"values": values, "present": present_mask.expand(B, -1)}, gene_ids,
+                                torch.from_numpy(ids), torch.ones(B, G + N_DEPTH_TOKENS, dtype=torch.bool),
+                                expression)
 
-        return PreparedData(batches, n, batch_size, alignment)
+        return PreparedData(batches, len(rows), batch_size, alignment)
 
-    def _align(self, names: list[str], where: str) -> tuple[np.ndarray, GeneAlignment]:
+    def _align(self, adata, names: list[str], where: str, gene_key: str | None
+               ) -> tuple[np.ndarray, GeneAlignment]:
+        keys, routes = vocabulary_keys(adata, self.genes, gene_key=gene_key)
         first: dict[str, int] = {}
-        for j, g in enumerate(names):
-            first.setdefault(g, j)
+        for j, g in enumerate(keys):
+            if g is not None:
+                first.setdefault(g, j)
         cols = np.array([first.get(g, -1) for g in self.genes], dtype=np.int64)
         matched = [g for g in self.genes if g in first]
         if not matched:
             raise UserError(f"{where}: none of its {len(names)} genes (e.g. {', '.join(names[:3])}) is in "
-                            f"{self.name}'s {len(self.genes)}-gene vocabulary; var_names must be HGNC "
-                            "symbols (set adata.var_names to the symbol column)")
+                            f"{self.name}'s {len(self.genes)}-gene vocabulary, as a symbol or an Ensembl id, in "
+                            "var_names or in a var column (gene_symbols, feature_name, gene_name, gene_ids, "
+                            "ensembl_id); pass gene_key= naming the var column of gene symbols")
         used = set(cols[cols >= 0].tolist())
         alignment = GeneAlignment(n_vocab=len(self.genes), matched=matched,
                                   missing_from_data=[g for g in self.genes if g not in first],
-                                  dropped_from_data=[g for j, g in enumerate(names) if j not in used])
+                                  dropped_from_data=[g for j, g in enumerate(names) if j not in used],
+                                  routes=routes)
         return cols, alignment
 
     # ------------------------------------------------------------------ model
@@ -315,9 +343,18 @@ class AIDOCell(ScFM):
                     return ModelOutput(hidden, None, None)
         last = self.bert.encoder.ln(h)
         expression = self.cls.predictions(last)[:, : len(self.genes)]
-        m = batch.mask.to(last.device).unsqueeze(-1).to(last.dtype)
-        embedding = (last * m).sum(1) / m.sum(1).clamp_min(1)
-        return ModelOutput(hidden, expression, embedding)
+        return ModelOutput(hidden, expression, self.cell_embedding(last, batch))
+
+    def cell_embedding(self, last: torch.Tensor, batch: CellBatch) -> torch.Tensor:
+        """Mean of the final hidden state (after `encoder.ln`) over the tokens that `embedding_rule` names:
+        "present_genes" ([Y]'s code: the vocabulary genes found in the input AnnData, `inputs["present"]`; every
+        gene token for a batch built without it) or "all_genes" (modelgenerator's: every gene position, absent
+        genes included); never the 2 depth tokens."""
+        genes = (batch.gene_ids >= 0) & batch.mask
+        if self.embedding_rule == "present_genes" and "present" in batch.inputs:
+            genes = genes & batch.inputs["present"]
+        w = genes.to(last.device).unsqueeze(-1).to(last.dtype)
+        return (last * w).sum(1) / w.sum(1)
 
 
 def normalise(counts: torch.Tensor) -> torch.Tensor:
@@ -374,10 +411,7 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(file))
-    try:
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch checkpoint ({e})") from None
+    sd = load_weights_only(file)
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 
@@ -387,19 +421,7 @@ def load_state_strict(model: nn.Module, sd: dict[str, torch.Tensor], where: str)
     tied = sd.pop("cls.predictions.decoder.bias", None)  # the reference ties it to cls.predictions.bias
     if tied is not None:
         sd.setdefault("cls.predictions.bias", tied)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    problems = []
-    for what, keys, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
-                            ("wrong shapes", wrong, "; ")):
-        if keys:
-            problems.append(f"{what}: {sep.join(keys[:8])}" + (" ..." if len(keys) > 8 else ""))
-    if problems:
-        raise CheckpointError(f"{where}: checkpoint does not match the architecture in config.json: "
-                              + "; ".join(problems))
+    check_state_dict(model.state_dict(), sd, where, "the checkpoint does not match the architecture in config.json")
     model.load_state_dict(sd, strict=True)
 
 
@@ -409,10 +431,13 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def load_aido_cell(path: str | Path, *, genes: list[str] | None = None, device=None, dtype=None) -> AIDOCell:
+def load_aido_cell(path: str | Path, *, genes: list[str] | None = None, embedding: str = "present_genes",
+                   device=None, dtype=None) -> AIDOCell:
     """Load an HF AIDO.Cell directory: config.json + model.safetensors (or pytorch_model.bin), strictly.
 
-    The gene vocabulary is `genes`, else the directory's genes.tsv, else AIDO.Cell's bundled 19,264 genes."""
+    The gene vocabulary is `genes`, else the directory's genes.tsv, else AIDO.Cell's bundled 19,264 genes.
+    `embedding` is the cell-embedding rule (EMBEDDING_RULES: [Y]'s "present_genes" or modelgenerator's
+    "all_genes")."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json; expected an HF AIDO.Cell directory (config.json + "
@@ -432,7 +457,7 @@ def load_aido_cell(path: str | Path, *, genes: list[str] | None = None, device=N
                               "embedding.weight holds a row per gene + 2 depth tokens); pass its genes")
     file = _checkpoint_file(path)
     with torch.device("meta"):
-        model = AIDOCell(cfg, genes)
+        model = AIDOCell(cfg, genes, embedding=embedding)
     model = model.to_empty(device="cpu")
     load_state_strict(model, read_state_dict(file), str(file))
     device, dtype = default_device_dtype(device, dtype)
@@ -440,12 +465,12 @@ def load_aido_cell(path: str | Path, *, genes: list[str] | None = None, device=N
 
 
 def random_aido_cell(cfg: AIDOCellConfig, genes: list[str] | None = None, *, seed: int = 0, device=None,
-                     dtype=None) -> AIDOCell:
+                     dtype=None, embedding: str = "present_genes") -> AIDOCell:
     """An AIDO.Cell with random weights (N(0, 0.02), as the reference's init): for tests and benchmarks."""
     if genes is None and cfg.max_position_embeddings != 19264:
         genes = [f"GENE{i}" for i in range(cfg.max_position_embeddings)]
     gen = torch.Generator().manual_seed(seed)
-    model = AIDOCell(cfg, genes)
+    model = AIDOCell(cfg, genes, embedding=embedding)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") and p.ndim == 1:

@@ -54,11 +54,17 @@ class GeneAlignment:
     matched: list[str] = field(default_factory=list)
     missing_from_data: list[str] = field(default_factory=list)  # vocabulary genes filled with 0
     dropped_from_data: list[str] = field(default_factory=list)  # data genes outside the vocabulary
+    routes: dict[str, int] = field(default_factory=dict)  # data genes matched by each route (var_names, ...)
+    dropped_cells: int = 0  # cells with no counts over the vocabulary, left out with empty="drop"
 
     def summary(self) -> str:
-        return (f"{len(self.matched)}/{self.n_vocab} vocabulary genes found in the data; "
+        via = ", ".join(f"{route} {n:,}" for route, n in self.routes.items())
+        return (f"{len(self.matched)}/{self.n_vocab} vocabulary genes found in the data"
+                + (f" (data genes matched via {via})" if via else "") + "; "
                 f"{len(self.missing_from_data)} absent from the data (input as 0), "
-                f"{len(self.dropped_from_data)} data genes outside the vocabulary dropped")
+                f"{len(self.dropped_from_data)} data genes outside the vocabulary dropped"
+                + (f"; {self.dropped_cells} cells without counts over the vocabulary dropped"
+                   if self.dropped_cells else ""))
 
 
 class PreparedData:

@@ -43,7 +43,7 @@ import torch
 from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.aido_cell import default_device_dtype
 from sae_fast.models.base import CellBatch, Hook, ModelOutput, PreparedData, ScFM
-from sae_fast.models.genes import count_rows, match_genes
+from sae_fast.models.genes import count_rows, match_genes, nonempty_rows
 
 log = logging.getLogger(__name__)
 
@@ -131,33 +131,37 @@ class Geneformer(ScFM):
 
     # ------------------------------------------------------------------ tokenisation
     def prepare(self, adata, batch_size: int = 8, *, layer: str | None = None, gene_key: str | None = None,
-                n_counts_key: str = "n_counts") -> PreparedData:
+                n_counts_key: str = "n_counts", empty: str = "error") -> PreparedData:
         """Rank-value encode `adata` (raw counts) for Geneformer: a re-iterable stream of CellBatch.
 
-        Genes are matched by Ensembl id: the adata.var column `gene_key`, else adata.var["ensembl_id"] if
-        present, else adata.var_names. CellBatch.expression holds each gene token's median-scaled value (the
-        value that was ranked)."""
-        if gene_key is None and "ensembl_id" in adata.var:
-            gene_key = "ensembl_id"
+        Genes are matched by Ensembl id (a version suffix is dropped): the adata.var column `gene_key`, else
+        var_names, then the Ensembl and symbol var columns found by name (ensembl_id, gene_ids, ...), symbols
+        being mapped to Ensembl ids (sae_fast.models.genes). CellBatch.expression holds each gene token's
+        median-scaled value (the value that was ranked). A cell without counts over the vocabulary is an error
+        naming it, or with `empty="drop"` is left out with a warning (`cell_ids` keep the AnnData's rows)."""
         P, matched, alignment = match_genes(
             adata, self.genes, gene_key=gene_key, layer=layer, model="Geneformer",
             no_overlap="no gene of the AnnData is in Geneformer's token dictionary, which uses Ensembl ids (e.g. "
-                       "'ENSG00000167286'): add adata.var['ensembl_id'] or pass gene_key=")
+                       "'ENSG00000167286'), nor maps to it as a symbol: add adata.var['ensembl_id'] or pass "
+                       "gene_key=")
+        X = adata.layers[layer] if layer is not None else adata.X
+        kept = nonempty_rows(adata, X, np.flatnonzero(P.getnnz(axis=1)), empty=empty, model="Geneformer")
+        alignment.dropped_cells = adata.n_obs - len(kept)
         median = self._median[matched]
         n_counts = None
         if n_counts_key in adata.obs:
             n_counts = np.asarray(adata.obs[n_counts_key], dtype=np.float64)
 
         def batches() -> Iterator[CellBatch]:
-            for start in range(0, adata.n_obs, batch_size):
-                rows = np.arange(start, min(start + batch_size, adata.n_obs))
+            for start in range(0, len(kept), batch_size):
+                rows = kept[start:start + batch_size]
                 X, totals = count_rows(adata, rows, P, layer=layer, model="Geneformer", integer=True)
                 total = n_counts[rows] if n_counts is not None else totals
                 with np.errstate(divide="ignore", invalid="ignore"):
                     scaled = np.where(X > 0, X / total[:, None] * 10_000 / median, 0.0)
                 yield self._tokenise(scaled, rows, matched)
 
-        return PreparedData(batches, adata.n_obs, batch_size, alignment)
+        return PreparedData(batches, len(kept), batch_size, alignment)
 
     def _tokenise(self, scaled: np.ndarray, rows: np.ndarray, gene_of_col: np.ndarray) -> CellBatch:
         n_genes = self.max_len - (2 if self.version == 2 else 0)

@@ -45,7 +45,8 @@ from sae_fast.config import option
 from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.aido_cell import default_device_dtype
 from sae_fast.models.base import CellBatch, Hook, ModelOutput, PreparedData, ScFM
-from sae_fast.models.genes import count_rows, match_genes
+from sae_fast.models.checkpoint import check_state_dict, load_weights_only
+from sae_fast.models.genes import count_rows, match_genes, nonempty_rows
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +177,22 @@ class ScGPT(ScFM):
 
     # ------------------------------------------------------------------ tokenisation
     def prepare(self, adata, batch_size: int = 8, *, seed: int = 0, layer: str | None = None,
-                gene_key: str | None = None, max_seq_len: int | None = None) -> PreparedData:
+                gene_key: str | None = None, max_seq_len: int | None = None, empty: str = "error") -> PreparedData:
         """Tokenise `adata` for scGPT: a re-iterable stream of CellBatch (inputs 'genes' and 'values').
 
-        Genes are matched by symbol: adata.var_names, or the adata.var column `gene_key`. X (or
-        adata.layers[layer]) may be raw counts or normalised (binning ignores per-cell scale and log1p) but
-        must be non-negative. Binning ties and gene sampling draw from a generator seeded by (seed, cell row),
-        so every pass, and every batch size, gives the same tokens."""
+        Genes are matched by symbol: adata.var_names, or the adata.var column `gene_key`, or a symbol column
+        found by name, or Ensembl ids mapped to symbols (sae_fast.models.genes). X (or adata.layers[layer]) may
+        be raw counts or normalised (binning ignores per-cell scale and log1p) but must be non-negative. Binning
+        ties and gene sampling draw from a generator seeded by (seed, cell row), so every pass, and every batch
+        size, gives the same tokens. A cell without counts over the vocabulary is an error naming it, or with
+        `empty="drop"` is left out with a warning (`cell_ids` keep the AnnData's row numbers)."""
         P, matched, alignment = match_genes(
             adata, self.genes, gene_key=gene_key, layer=layer, model="scGPT",
-            no_overlap="no gene of the AnnData matches scGPT's vocab.json (gene symbols such as 'CD3E'); pass "
-                       "gene_key= naming an adata.var column of HGNC symbols")
+            no_overlap="no gene of the AnnData matches scGPT's vocab.json (gene symbols such as 'CD3E', or their "
+                       "Ensembl ids); pass gene_key= naming an adata.var column of HGNC symbols")
+        X = adata.layers[layer] if layer is not None else adata.X
+        kept = nonempty_rows(adata, X, np.flatnonzero(P.getnnz(axis=1)), empty=empty, model="scGPT")
+        alignment.dropped_cells = adata.n_obs - len(kept)
         max_len = max_seq_len or self.cfg.max_seq_len
         if max_len < 2:
             raise UserError(f"max_seq_len = {max_len}; it must leave room for <cls> and at least one gene")
@@ -194,12 +200,12 @@ class ScGPT(ScFM):
         gene_of_col = matched
 
         def batches() -> Iterator[CellBatch]:
-            for start in range(0, adata.n_obs, batch_size):
-                rows = np.arange(start, min(start + batch_size, adata.n_obs))
+            for start in range(0, len(kept), batch_size):
+                rows = kept[start:start + batch_size]
                 X, _ = count_rows(adata, rows, P, layer=layer, model="scGPT")
                 yield self._tokenise(X, rows, token_of_col, gene_of_col, max_len, seed)
 
-        return PreparedData(batches, adata.n_obs, batch_size, alignment)
+        return PreparedData(batches, len(kept), batch_size, alignment)
 
     def _tokenise(self, X: np.ndarray, rows: np.ndarray, token_of_col, gene_of_col, max_len: int,
                   seed: int) -> CellBatch:
@@ -315,11 +321,7 @@ def _load_dir(path: Path, *, embedding: str, cls_value: float | None) -> ScGPT:
     weights = path / "best_model.pt"
     if not weights.is_file():
         raise UserError(f"{weights}: not found; an scGPT checkpoint folder holds best_model.pt")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"{weights}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    state = load_weights_only(weights)
     if not isinstance(state, dict):
         raise UserError(f"{weights}: holds a {type(state).__name__}, not a state dict of tensors")
     state = {k.removeprefix("module.").replace("self_attn.Wqkv.", "self_attn.in_proj_"): v
@@ -333,34 +335,13 @@ def _load_dir(path: Path, *, embedding: str, cls_value: float | None) -> ScGPT:
     model = ScGPT(cfg, vocab, embedding=embedding, cls_value=cls_value)
     model.ignored_keys = sorted(k for k in state if k.startswith(IGNORED_PREFIXES))
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
-    _check_state(model, state, weights)
+    check_state_dict(model.state_dict(), state, str(weights), "is this an scGPT checkpoint matching args.json?")
     model.load_state_dict(state)
     if model.ignored_keys:
         heads = sorted({k.rsplit(".", 2)[0].split(".")[0] for k in model.ignored_keys})
         log.info("scGPT: skipped %d weights of heads unused at inference (%s)", len(model.ignored_keys),
                  ", ".join(heads))
     return model
-
-
-def _more(keys: list) -> str:
-    return f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
-
-
-def _check_state(model: nn.Module, state: dict, where: Path) -> None:
-    """Strict key/shape check with a one-line error naming the first offending key."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        raise CheckpointError(f"{where}: missing key {missing[0]!r}{_more(missing)}; is this an scGPT "
-                              "checkpoint matching args.json?")
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected key {unexpected[0]!r}{_more(unexpected)}; args.json may "
-                              "not match these weights")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{where}: key {k!r} has shape {tuple(state[k].shape)}, expected "
-                                  f"{tuple(v.shape)} from args.json")
 
 
 __all__ = ["ScGPT", "ScGPTConfig", "bin_values", "load_scgpt"]
