@@ -23,9 +23,19 @@
 
 namespace {
 
-void check_index(const at::Tensor& idx, const at::Tensor& w) {
-  TORCH_CHECK(idx.dim() == 2 && idx.sizes() == w.sizes(), "indices and weights must both be [N, k]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "indices must be int64");
+// sae_fast.ops validates every input once before dispatch; these checks keep the kernels memory-safe when called
+// directly (one serial pass over the [N, k] indices: a few microseconds next to the O(N k d) work).
+void check_index(const at::Tensor& idx, int64_t F) {
+  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kLong && idx.is_contiguous(),
+              "indices must be a contiguous [N, k] int64 tensor");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  int64_t lo = 0, hi = 0;
+  for (int64_t p = 0; p < idx.numel(); ++p) {
+    lo = std::min(lo, ip[p]);
+    hi = std::max(hi, ip[p]);
+  }
+  TORCH_CHECK(lo >= 0 && (idx.numel() == 0 || hi < F), "feature index out of range [0, ", F, "): found ",
+              lo < 0 ? lo : hi);
 }
 
 // A dot product the compiler may vectorise (the simd reduction allows reassociating the sum).
@@ -40,8 +50,10 @@ acc_t dot(const T* a, const T* b, int64_t d) {
 }  // namespace
 
 at::Tensor gather_combine(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& M) {
-  check_index(idx, w);
-  TORCH_CHECK(M.dim() == 2 && M.scalar_type() == w.scalar_type(), "M must be [F, d] with the dtype of w");
+  TORCH_CHECK(M.dim() == 2 && M.scalar_type() == w.scalar_type() && M.is_contiguous() && w.is_contiguous(),
+              "M must be a contiguous [F, d] tensor with the dtype of w");
+  TORCH_CHECK(idx.sizes() == w.sizes(), "indices and weights must both be [N, k]");
+  check_index(idx, M.size(0));
   const int64_t N = idx.size(0), k = idx.size(1), d = M.size(1);
   auto out = at::empty({N, d}, M.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, M.scalar_type(), "gather_combine", [&] {
@@ -68,10 +80,10 @@ at::Tensor gather_combine(const at::Tensor& idx, const at::Tensor& w, const at::
 }
 
 at::Tensor pair_dot(const at::Tensor& idx, const at::Tensor& G, const at::Tensor& M) {
-  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kLong, "indices must be [N, k] int64");
   TORCH_CHECK(G.dim() == 2 && M.dim() == 2 && G.size(1) == M.size(1) && G.size(0) == idx.size(0) &&
-                  G.scalar_type() == M.scalar_type(),
-              "G must be [N, d] and M [F, d] of one dtype");
+                  G.scalar_type() == M.scalar_type() && G.is_contiguous() && M.is_contiguous(),
+              "G must be [N, d] and M [F, d], contiguous, of one dtype");
+  check_index(idx, M.size(0));
   const int64_t N = idx.size(0), k = idx.size(1), d = M.size(1);
   auto out = at::empty({N, k}, M.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, M.scalar_type(), "pair_dot", [&] {
@@ -154,7 +166,8 @@ std::vector<at::Tensor> reverse_index(const at::Tensor& idx, int64_t F) {
 std::vector<at::Tensor> topk_rows(const at::Tensor& pre, int64_t k) {
   // Per row: a buffer of up to 2k candidates and `lo`, the k-th largest value offered so far. A value enters
   // the buffer only if it beats lo; when the buffer is full, nth_element keeps its k largest and raises lo.
-  // Meant for small k (the caller uses torch.topk for large k). Rows holding NaN: unspecified picks.
+  // Meant for small k (the caller uses torch.topk for large k). A row holding NaN has no top-k: its k values are
+  // NaN (indices 0..k-1), which sae_fast.ops reports as an error naming the row.
   TORCH_CHECK(pre.dim() == 2 && pre.is_contiguous() && k >= 1 && k <= pre.size(1), "need [R, F] rows, 1 <= k <= F");
   constexpr int64_t kLanes = 16;
   const int64_t R = pre.size(0), F = pre.size(1);
@@ -189,10 +202,22 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& pre, int64_t k) {
         // block max is a lower bound lo0 on the row's k-th largest value, so pass 2 only visits blocks whose max
         // reaches lo0 (typically little more than k blocks) and offers their values >= lo0.
         const int64_t nb = F / kLanes;
+        bool nan = false;  // NaN compares false: it would never enter the buffer (and n could stay below k)
         for (int64_t b = 0; b < nb; ++b) {
           scalar_t m = row[b * kLanes];
-          for (int64_t i = 1; i < kLanes; ++i) m = row[b * kLanes + i] > m ? row[b * kLanes + i] : m;
+          for (int64_t i = 0; i < kLanes; ++i) {
+            m = row[b * kLanes + i] > m ? row[b * kLanes + i] : m;
+            nan |= row[b * kLanes + i] != row[b * kLanes + i];
+          }
           bmax[b] = m;
+        }
+        for (int64_t f = nb * kLanes; f < F; ++f) nan |= row[f] != row[f];
+        if (nan) {
+          for (int64_t j = 0; j < k; ++j) {
+            vp[r * k + j] = std::numeric_limits<scalar_t>::quiet_NaN();
+            ip[r * k + j] = j;
+          }
+          continue;
         }
         scalar_t lo0 = -std::numeric_limits<scalar_t>::infinity();
         if (nb >= k) {

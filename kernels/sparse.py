@@ -8,7 +8,10 @@ segment_reduce(order, offsets, w[N,k], X[N,d])     out[f] = sum_{q in pairs of f
 
 segment_reduce reads the pairs grouped by feature (a reverse index: `order` sorted by feature, CSR `offsets`);
 a program owns a block of features x a block of columns and walks their segments: each output row has a single
-writer, so no atomics and the result is deterministic. Accumulation is in fp32; inputs are made contiguous.
+writer, so no atomics and the result is deterministic. Accumulation is in fp32; inputs are made contiguous,
+except G, which may have any row stride. Row and feature numbers are int64 before they are multiplied by a row
+length (N * k, N * d and F * d pass 2^31 elements at realistic sizes); feature indices and pair numbers are
+loaded as int64.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from sae_fast.kernels.encode import block_range
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The CPU interpreter pays per program and per op, not per element: it gets few, large blocks (each clamped to
@@ -36,7 +40,7 @@ def _fit(block: int, size: int) -> int:
 @triton.jit
 def _gather_combine_kernel(idx_ptr, w_ptr, m_ptr, out_ptr, N, K, D,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = block_range(tl.program_id(0), BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
     col_ok = cols < D
@@ -54,9 +58,9 @@ def _gather_combine_kernel(idx_ptr, w_ptr, m_ptr, out_ptr, N, K, D,
 
 
 @triton.jit
-def _pair_dot_kernel(idx_ptr, g_ptr, m_ptr, out_ptr, N, K, D,
+def _pair_dot_kernel(idx_ptr, g_ptr, m_ptr, out_ptr, N, K, D, stride_g,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = block_range(tl.program_id(0), BLOCK_N)
     slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     pair_ok = (rows[:, None] < N) & (slots[None, :] < K)
     f = tl.load(idx_ptr + rows[:, None] * K + slots[None, :], mask=pair_ok, other=0)
@@ -64,7 +68,7 @@ def _pair_dot_kernel(idx_ptr, g_ptr, m_ptr, out_ptr, N, K, D,
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        g = tl.load(g_ptr + rows[:, None] * D + cols[None, :], mask=(rows[:, None] < N) & col_ok[None, :],
+        g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=(rows[:, None] < N) & col_ok[None, :],
                     other=0.0).to(tl.float32)
         m = tl.load(m_ptr + f[:, :, None] * D + cols[None, None, :],
                     mask=pair_ok[:, :, None] & col_ok[None, None, :], other=0.0).to(tl.float32)
@@ -78,7 +82,7 @@ def _segment_reduce_kernel(order_ptr, offsets_ptr, w_ptr, x_ptr, out_ptr, sums_p
                            BLOCK_D: tl.constexpr):
     # A block of features walks its segments in lockstep, BLOCK_P pairs of every feature per step, until the
     # longest segment of the block is done (a [BLOCK_FEAT, BLOCK_P, BLOCK_D] gather per step).
-    feats = tl.program_id(0) * BLOCK_FEAT + tl.arange(0, BLOCK_FEAT)
+    feats = block_range(tl.program_id(0), BLOCK_FEAT)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ranks = tl.arange(0, BLOCK_P)
     feat_ok = feats < F
@@ -118,14 +122,15 @@ def gather_combine(idx: torch.Tensor, w: torch.Tensor, M: torch.Tensor) -> torch
 
 
 def pair_dot(idx: torch.Tensor, G: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    idx, G, M = idx.contiguous(), G.contiguous(), M.contiguous()
+    idx, M = idx.contiguous(), M.contiguous()
+    G = G if G.stride(1) == 1 or G.shape[1] <= 1 else G.contiguous()
     (N, K), D = idx.shape, M.shape[1]
     out = G.new_empty(N, K)
     if N == 0 or K == 0:
         return out
     bn, bk, bd = _fit(BLOCK_N, N), _fit(BLOCK_K, K), _fit(BLOCK_D, D)
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
-    _pair_dot_kernel[grid](idx, G, M, out, N, K, D, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd)
+    _pair_dot_kernel[grid](idx, G, M, out, N, K, D, G.stride(0), BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd)
     return out
 
 

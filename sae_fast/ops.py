@@ -305,6 +305,13 @@ def _kernels(tensor: torch.Tensor, backend: str) -> TorchKernels:
 
 def _select_topk(kern, x, W, b, k, relu):
     pre, idx = kern.topk(x, W, b, k)
+    # Finite inputs can still overflow to inf (and inf - inf to NaN) in the product; every backend marks such a
+    # row with a non-finite value among its k (torch.topk ranks NaN and inf first; the C++ scan writes NaN for
+    # a row holding NaN; the fused Triton merge keeps -inf in slots nothing could fill): one check over [N, k].
+    bad = ~torch.isfinite(pre)
+    if bool(bad.any()):
+        raise UserError(f"topk_encode: the pre-activations of row {_first_bad_row(pre, bad)} overflow (inf or NaN "
+                        f"in x @ W_enc.T + b_enc); rescale the inputs or check the weights")
     return idx, pre, None
 
 
@@ -426,13 +433,64 @@ class SparseDecode(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _check_encoder(x, W_enc, b_enc):
+def _first_bad_row(t: torch.Tensor, bad: torch.Tensor) -> int:
+    """The first row of `t` where the boolean mask `bad` (same shape) holds."""
+    return int(bad.reshape(t.shape[0], -1).any(1).nonzero()[0, 0])
+
+
+def _check_encoder(op: str, x, W_enc, b_enc):
+    """Shapes, dtypes, devices and finiteness of an encoder's inputs, checked once at the dispatch point (one
+    pass over x and W_enc, one host sync): every backend then sees valid inputs. A NaN or inf would otherwise
+    reach the kernels, which disagree on it (torch.topk ranks NaN first; a running-minimum scan never keeps it)."""
     if x.dim() != 2 or W_enc.dim() != 2 or b_enc.dim() != 1:
-        raise UserError(f"encode expects x [N, d], W_enc [F, d], b_enc [F]; got x {tuple(x.shape)}, "
+        raise UserError(f"{op} expects x [N, d], W_enc [F, d], b_enc [F]; got x {tuple(x.shape)}, "
                         f"W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}")
     if x.shape[1] != W_enc.shape[1] or b_enc.shape[0] != W_enc.shape[0]:
-        raise UserError(f"encode shapes disagree: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, "
+        raise UserError(f"{op} shapes disagree: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, "
                         f"b_enc {tuple(b_enc.shape)} (need x [N, d], W_enc [F, d], b_enc [F])")
+    named = {"x": x, "W_enc": W_enc, "b_enc": b_enc}
+    _check_float(op, named)
+    finite = [torch.isfinite(t).all() for t in named.values()]
+    if not bool(torch.stack(finite).all()):
+        name, t = next((n, t) for (n, t), ok in zip(named.items(), finite) if not ok)
+        where = f" row {_first_bad_row(t, ~torch.isfinite(t))}" if t.dim() == 2 else ""
+        raise UserError(f"{op}: {name}{where} holds NaN or inf; the SAE ops need finite inputs (check the "
+                        f"activations, or the weights for a diverged training run)")
+
+
+def _check_float(op: str, named: dict) -> None:
+    """All tensors of `named` share one floating dtype and one device."""
+    first, t0 = next(iter(named.items()))
+    for name, t in named.items():
+        if not t.is_floating_point():
+            raise UserError(f"{op}: {name} has dtype {t.dtype}; expected a floating-point tensor")
+        if t.dtype != t0.dtype or t.device != t0.device:
+            raise UserError(f"{op}: {name} is {t.dtype} on {t.device} but {first} is {t0.dtype} on {t0.device}; "
+                            f"convert them to one dtype and device")
+
+
+def _check_code(op: str, indices, values, W_dec) -> torch.Tensor:
+    """A sparse code's shapes, dtypes, devices and index range (one min/max over the [N, k] indices, one host
+    sync), checked once for every backend. Returns the indices as int64."""
+    if indices.shape != values.shape or indices.dim() != 2 or W_dec.dim() != 2:
+        raise UserError(f"{op} expects indices and values [N, k] and W_dec [F, d]; got indices "
+                        f"{tuple(indices.shape)}, values {tuple(values.shape)}, W_dec {tuple(W_dec.shape)}")
+    _check_float(op, {"values": values, "W_dec": W_dec})
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise UserError(f"{op}: indices has dtype {indices.dtype}; expected an integer tensor (int64)")
+    if indices.device != values.device:
+        raise UserError(f"{op}: indices is on {indices.device} but values on {values.device}")
+    indices = indices.long()
+    F = W_dec.shape[0]
+    if indices.numel():
+        lo, hi = (int(v) for v in torch.stack(list(torch.aminmax(indices))).tolist())
+        if lo < 0 or hi >= F:
+            bad = (indices < 0) | (indices >= F)
+            row = _first_bad_row(indices, bad)
+            value = int(indices[row][bad[row]][0])
+            raise UserError(f"{op}: indices row {row} holds feature {value}, outside [0, {F}) (W_dec has F = {F} "
+                            f"rows); indices must come from an encoder of this dictionary")
+    return indices
 
 
 def _check_k(k: int, n_features: int) -> None:
@@ -445,7 +503,7 @@ def topk_encode(x, W_enc, b_enc, k: int, relu: bool = True, backend: str = "auto
 
     Rows are processed in chunks (or fused tiles on the GPU), so the [N, F] pre-activation matrix never
     exists. The k pairs of a row come in no particular order. Differentiable in x, W_enc and b_enc."""
-    _check_encoder(x, W_enc, b_enc)
+    _check_encoder("topk_encode", x, W_enc, b_enc)
     _check_k(k, W_enc.shape[0])
     kern = _kernels(x, backend)
     return SparseCode(*SparseEncode.apply(x, W_enc, b_enc, kern, _select_topk, k, relu))
@@ -458,7 +516,7 @@ def batch_topk_encode(x, W_enc, b_enc, k: int, relu: bool = True, backend: str =
     tau are all kept (so a row set may exceed k*N pairs only on exact float ties); under ReLU, zeros are never
     kept. Rows hold different counts: each row's pairs come first (largest first), then padding up to the
     largest row count with value 0 (index = slot number)."""
-    _check_encoder(x, W_enc, b_enc)
+    _check_encoder("batch_topk_encode", x, W_enc, b_enc)
     _check_k(k, W_enc.shape[0])
     kern = _kernels(x, backend)
     return SparseCode(*SparseEncode.apply(x, W_enc, b_enc, kern, _select_batch_topk, k, relu))
@@ -469,7 +527,7 @@ def threshold_encode(x, W_enc, b_enc, threshold, backend: str = "auto") -> Spars
 
     `threshold` is a scalar or a per-feature [F] tensor (not differentiated). Padded like
     batch_topk_encode."""
-    _check_encoder(x, W_enc, b_enc)
+    _check_encoder("threshold_encode", x, W_enc, b_enc)
     if isinstance(threshold, torch.Tensor) and threshold.numel() not in (1, W_enc.shape[0]):
         raise UserError(f"threshold must be a scalar or have one value per feature ({W_enc.shape[0]}); "
                         f"got shape {tuple(threshold.shape)}")
@@ -485,8 +543,6 @@ def sparse_decode(indices, values, W_dec, backend: str = "auto") -> torch.Tensor
     """x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]]  ->  [N, d] (no bias).
 
     Differentiable in values and W_dec; neither direction materialises [N, F] or [N, k, d]."""
-    if indices.shape != values.shape or indices.dim() != 2 or W_dec.dim() != 2:
-        raise UserError(f"sparse_decode expects indices and values [N, k] and W_dec [F, d]; got indices "
-                        f"{tuple(indices.shape)}, values {tuple(values.shape)}, W_dec {tuple(W_dec.shape)}")
+    indices = _check_code("sparse_decode", indices, values, W_dec)
     kern = _kernels(values, backend)
     return SparseDecode.apply(indices, values, W_dec, kern)

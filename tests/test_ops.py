@@ -72,13 +72,15 @@ def check_topk_selection(idx, pre64, k):
     """Our per-row sets equal the float64 top-k sets, except on rows with a near tie at rank k."""
     idx = idx.cpu()
     ref_v, ref_i = pre64.detach().topk(k, dim=1)
-    same = (idx.sort(1).values == ref_i.sort(1).values).all(1)
+    ours_sorted = idx.sort(1).values
+    dup = (ours_sorted.diff(dim=1) == 0).any(1)
+    assert not dup.any(), f"duplicate indices in rows {dup.nonzero().flatten()[:10].tolist()}"
+    same = (ours_sorted == ref_i.sort(1).values).all(1)
     if not same.all():
         tol = 1e-5 * float(pre64.detach().abs().max())
         kth = ref_v[:, -1:]
         ours = pre64.detach().gather(1, idx)
         assert (ours[~same] >= kth[~same] - tol).all(), "selection is not a top-k (beyond float tolerance)"
-        assert len(set(idx[~same][0].tolist())) == k, "duplicate indices in a row"
 
 
 def check_encode_grads(code, x, W, b, x64, W64, b64, pre64, relu, valid=None):
@@ -256,6 +258,92 @@ def test_bad_input_raises_user_error():
         ops.threshold_encode(x, W, b, torch.zeros(5))
     with pytest.raises(UserError, match="sparse_decode expects"):
         ops.sparse_decode(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 3), W)
+    with pytest.raises(UserError, match="indices has dtype torch.float32"):
+        ops.sparse_decode(torch.zeros(3, 2), torch.zeros(3, 2), W)
+    with pytest.raises(UserError, match="W_dec is torch.float32 on cpu but values is torch.float64"):
+        ops.sparse_decode(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.float64), W.detach())
+    with pytest.raises(UserError, match="W_enc is torch.float64"):
+        ops.topk_encode(x, W.double(), b, 2)
+    with pytest.raises(UserError, match="x has dtype torch.int64"):
+        ops.topk_encode(x.long(), W, b, 2)
+
+
+@all_backends
+@pytest.mark.parametrize("bad", [6, 10**6, 10**11, -1])
+def test_sparse_decode_rejects_indices_outside_the_dictionary(backend, bad):
+    """Out-of-range feature indices are refused at the dispatch point on every backend (c3e3240: the C++ kernel
+    segfaulted at 1e11 and read outside W_dec at 1e6; Triton read anything)."""
+    device = device_for(backend)
+    idx = torch.tensor([[0, 1], [2, 3], [4, 5]], device=device)
+    idx[1, 0] = bad
+    with pytest.raises(UserError, match=rf"sparse_decode: indices row 1 holds feature {bad}, outside \[0, 6\)"):
+        ops.sparse_decode(idx, torch.ones(3, 2, device=device), torch.ones(6, 4, device=device), backend=backend)
+
+
+@all_backends
+@pytest.mark.parametrize("op", ["topk_encode", "batch_topk_encode", "threshold_encode"])
+@pytest.mark.parametrize("where", ["x", "W_enc", "b_enc"])
+def test_non_finite_inputs_are_refused_naming_the_row(backend, op, where):
+    """A NaN row used to be handed to the kernels, which disagreed: torch.topk ranks NaN first, the C++ scan
+    returned the previous row's picks. Every backend now refuses it, naming the argument and the row."""
+    x, W, b = (t.detach() for t in make_encoder(6, 8, 64, device_for(backend)))
+    target = {"x": x, "W_enc": W, "b_enc": b}[where]
+    target[3] = float("nan")
+    arg = {"topk_encode": 4, "batch_topk_encode": 4, "threshold_encode": 0.1}[op]
+    row = "" if where == "b_enc" else " row 3"
+    with pytest.raises(UserError, match=rf"{op}: {where}{row} holds NaN or inf"):
+        getattr(ops, op)(x, W, b, arg, backend=backend)
+
+
+@all_backends
+def test_overflowing_pre_activations_raise_naming_the_row(backend):
+    """Finite inputs whose product overflows: every backend reports the row instead of returning inf picks."""
+    x, W, b = (t.detach() for t in make_encoder(5, 8, 64, device_for(backend)))
+    x[2] = 3e38
+    W.abs_()
+    with pytest.raises(UserError, match="topk_encode: the pre-activations of row 2 overflow"):
+        ops.topk_encode(x, W, b, 4, backend=backend)
+
+
+def test_cpp_topk_rows_gives_a_nan_row_nan_not_the_previous_rows_picks():
+    """The C++ scan never offers NaN to its buffer: at c3e3240 an all-NaN row returned the previous row's values
+    and indices. It now writes NaN (which sae_fast.ops reports), for an all-NaN row and a partly-NaN one."""
+    kern = ops._cpp_kernels()
+    assert kern is not None, "the C++ extension did not build"
+    for F in (20, 100):  # the scan's tail only, and its 16-lane blocks
+        pre = torch.randn(4, F)
+        pre[1] = float("nan")
+        pre[2, F // 2] = float("nan")
+        values, indices = kern.ext.topk_rows(pre, 3)
+        assert values[[1, 2]].isnan().all()
+        for r in (0, 3):
+            ref = pre[r].topk(3)
+            assert torch.equal(values[r].sort().values, ref.values.sort().values)
+        assert ((indices >= 0) & (indices < F)).all()
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_offsets_past_2_31_elements(backend):
+    """Row offsets row * stride beyond 2^31 elements (int32 would wrap: a segfault or wrong rows under the
+    interpreter, garbage on a GPU). The inputs are views with a huge row stride over an untouched allocation
+    (8 GiB of address space, a few pages of memory), so the kernels run in well under a second."""
+    from sae_fast.kernels import encode, sparse
+
+    device = device_for(backend)
+    N, d, F = 5, 8, 64
+    stride = (1 << 31) // (N - 1) + 17  # the last row starts past element 2^31
+    x = torch.empty((N - 1) * stride + d, device=device).as_strided((N, d), (stride, 1))
+    x.copy_(torch.randn(N, d))
+    assert x.storage_offset() + (N - 1) * x.stride(0) > 2**31
+    W, b = torch.randn(F, d, device=device), torch.randn(F, device=device)
+    ref = x.double().cpu() @ W.double().cpu().T + b.double().cpu()
+    assert rel(encode.linear(x, W, b), ref) <= TOL
+    values, idx = encode.topk(x, W, b, 3)
+    check_topk_selection(idx, ref, 3)
+    assert rel(values, ref.gather(1, idx.cpu())) <= TOL
+    pairs = torch.randint(0, F, (N, 4), device=device)
+    ref_dot = (W.double().cpu()[pairs.cpu()] @ x.double().cpu()[:, :, None]).squeeze(2)
+    assert rel(sparse.pair_dot(pairs, x, W), ref_dot) <= TOL
 
 
 def test_auto_backend_choice():

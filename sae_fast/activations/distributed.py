@@ -17,6 +17,13 @@ import torch
 import torch.distributed as dist
 
 
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised torch.distributed group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def init_from_env() -> tuple[int, int]:
     """Initialise torch.distributed if launched by torchrun with WORLD_SIZE > 1; return (rank, world_size)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -36,7 +36,7 @@ class FusedSource:
     """A re-iterable of [n, d] activation batches computed by the forward pass (see the module docstring)."""
 
     def __init__(self, model, adata, layer: int, config=None, **options):
-        from sae_fast.activations.loader import world
+        from sae_fast.activations.distributed import world
 
         model.check_layer(layer)
         self.model, self.adata, self.layer = model, adata, int(layer)

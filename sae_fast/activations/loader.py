@@ -26,17 +26,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sae_fast.activations.distributed import world
 from sae_fast.activations.shards import Shards
 from sae_fast.errors import UserError
-
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the initialised torch.distributed group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ShardLoader:

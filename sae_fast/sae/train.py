@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sae_fast.activations import distributed
 from sae_fast.config import build, option
 from sae_fast.errors import UserError
 from sae_fast.sae.modules import SAEConfig, SparseAutoencoder
@@ -166,12 +167,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -304,7 +299,7 @@ def train_sae(source=None, config: TrainConfig | None = None, *, model=None, ada
         source = fused_source(model, adata, layer, cfg)
     _check_source(source)
     device = _resolve_device(cfg.device)
-    rank, world = _world()
+    rank, world = distributed.world()
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     state_file = out_dir / STATE if out_dir is not None else None
     state = _load_state(state_file, cfg) if state_file is not None and state_file.is_file() else None
