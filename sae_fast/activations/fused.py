@@ -16,8 +16,10 @@ cell (8 x 19,264 for AIDO.Cell) so that one forward batch is one step.
 
 Options are read from `config` (a TrainConfig or any object) by attribute name, and keyword arguments win:
 tokens ("all"), cells_per_batch (8), buffer_tokens (2**18), batch_size (4096; tokens per item, scheme [P]),
-seed (0). Under torch.distributed each rank takes an equal share of the cells, and the ranks stop together
-when the first runs out of batches (`distributed.lockstep`), so gradient all-reduces always pair up.
+seed (0). Under torch.distributed each rank takes an equal share of the cells; its token count can still
+differ from the other ranks' (expressed genes, sampled cells with fewer genes than N), so the trainer, not this
+source, keeps the ranks in step (sae_fast.sae.train: one agreement per SAE step). Iterating runs no collective
+operation, so a rank may read ahead of the others.
 """
 
 from __future__ import annotations
@@ -103,11 +105,8 @@ class FusedSource:
             yield from buf.split(self.batch_size)
 
     def __iter__(self):
-        from sae_fast.activations.distributed import lockstep
-
         epoch = self.epoch
-        stream = self._mixed(epoch) if self.rule == "sample" else self._forward_tokens(epoch)
-        yield from (lockstep(stream) if self.world_size > 1 else stream)
+        yield from (self._mixed(epoch) if self.rule == "sample" else self._forward_tokens(epoch))
         self.epoch = epoch + 1
 
 

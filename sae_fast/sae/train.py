@@ -23,9 +23,12 @@ current epoch's data position without computing (re-iterating the source, skippi
 continues; the result is bitwise identical to an uninterrupted run on the CPU (same seed, same data, same
 threads).
 
-Distributed. If torch.distributed is initialised, gradients are averaged over ranks after backward and the
-dead-latent firing counts are summed, so N ranks with 1/N of a batch each take the same step as one process
-with the whole batch (losses are means over the local batch). Only rank 0 writes files.
+Distributed. If torch.distributed is initialised, gradients are averaged over ranks after backward, weighted
+by each rank's token count, and the dead-latent firing counts are summed, so N ranks with parts of a batch take
+the same step as one process with the whole batch. The ranks agree on every step (`distributed.lockstep`: one
+tiny all-reduce per step): an epoch ends on all ranks when the first runs out of batches, so ranks whose
+sources hold different token counts (fused training with expressed tokens) stay in step; the surplus rows of
+the other ranks are left out of that epoch. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -56,22 +59,27 @@ _RUNTIME_FIELDS = {"out_dir", "checkpoint_every", "log_every", "device", "backen
 
 @dataclasses.dataclass
 class TrainConfig(SAEConfig):
-    """Training a sparse autoencoder (SPEC §1); defaults follow Yanovsky & Chernomoretz [Y]."""
+    """Training a sparse autoencoder (SPEC §1). Defaults follow Yanovsky & Chernomoretz [Y], except batch_size:
+    8,192 tokens is Pedrocchi et al.'s [P] step; [Y]'s step is 8 whole cells, i.e. 8 x tokens per cell."""
 
-    lr: float = option(1e-3, "Adam learning rate (peak, after warmup) ([Y], [P]: 1e-3; [P] large data: 1e-4)")
-    warmup_steps: int = option(0, "linear learning-rate warmup steps before the cosine decay to 0")
-    epochs: int = option(10, "passes over the data ([Y]: 10)")
+    lr: float = option(1e-3, "Adam learning rate (peak, after warmup) ([Y], [P]: 1e-3; [P] large data: 1e-4)",
+                       bounds="(0, inf)")
+    warmup_steps: int = option(0, "linear learning-rate warmup steps before the cosine decay to 0",
+                              bounds="[0, inf)")
+    epochs: int = option(10, "passes over the data ([Y]: 10)", bounds="[1, inf)")
     batch_size: int = option(8192, "tokens per optimisation step; the source stream is re-batched to this "
-                             "size ([P]: 8192; [Y]: batches of 8 whole cells, ~154k tokens for AIDO.Cell)")
+                             "size (default [P]'s 8192; [Y]: batches of 8 whole cells, 8 x 19,264 = 154,112 "
+                             "tokens for AIDO.Cell)", bounds="[1, inf)")
     seed: int = option(0, "random seed (initial weights; also seeds torch's global RNG, e.g. DataLoader "
                        "shuffles)")
     max_steps: int | None = option(None, "stop after this many steps; also the cosine length (None = all "
-                                   "epochs)")
+                                   "epochs)", bounds="[1, inf)")
     out_dir: Path | None = option(None, "directory for checkpoints, the final SAE and metrics.jsonl; an "
                                   "existing run there is resumed (None = keep nothing on disk)")
     checkpoint_every: int = option(1000, "write the full trainer state every this many steps (and at the "
-                                   "end)")
-    log_every: int = option(50, "log MSE, FVU, L0, dead fraction and tokens/s every this many steps")
+                                   "end)", bounds="[1, inf)")
+    log_every: int = option(50, "log MSE, FVU, L0, dead fraction and tokens/s every this many steps",
+                           bounds="[1, inf)")
     device: str = option("auto", "torch device for training (auto = cuda if available, else cpu)")
 
     def sae_config(self) -> SAEConfig:
@@ -181,13 +189,17 @@ def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([p[:int(m)] for p, m in zip(parts, sizes)])
 
 
-def _average_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """All-reduce the gradients as one flat buffer and divide by the number of ranks."""
+def _average_grads(params: list[torch.nn.Parameter], n_local: int) -> None:
+    """Token-weighted mean of the ranks' gradients, one all-reduce of a flat buffer: sum_r n_r g_r / sum_r n_r.
+
+    Each g_r is the gradient of a mean over rank r's n_r tokens, so this is the gradient of the mean over all
+    tokens of the step, whatever each rank's batch size (ranks can hold different counts in a step: the last
+    step of an epoch, or fused training, whose per-rank token counts differ)."""
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_ones(1)]).mul_(n_local)
     dist.all_reduce(flat)
-    flat /= world
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+    flat /= flat[-1].clamp_min(1)
+    for g, part in zip(grads, flat[:-1].split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
 
 
@@ -239,9 +251,16 @@ def _load_state(path: Path, cfg: TrainConfig) -> dict:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the killed run got further)."""
+    """Drop log lines written after the checkpoint we resume from (the killed run got further), and a last
+    line the kill cut short."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = []
+        for ln in path.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] <= step:
+                    lines.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn line (the appending process was killed mid-write)
         with atomic_path(path) as tmp:
             tmp.write_text("".join(ln + "\n" for ln in lines))
 
@@ -264,7 +283,7 @@ def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tens
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     if world > 1:
-        _average_grads(list(sae.parameters()), world)
+        _average_grads(list(sae.parameters()), x.shape[0])
     sae.remove_parallel_grad()
     opt.step()
     sae.normalize_decoder()
@@ -343,7 +362,10 @@ def train_sae(source=None, config: TrainConfig | None = None, *, model=None, ada
             if state is not None:  # replay the epoch's start (its source draws), or go straight on
                 _set_rng_state(pos["epoch_rng"] if resuming else state["rng"])
             pos["epoch_rng"] = _rng_state()
-            for i, x in enumerate(_rebatch(_epoch_iter(source, pos["epoch"]), cfg.batch_size, d)):
+            batches = _rebatch(_epoch_iter(source, pos["epoch"]), cfg.batch_size, d)
+            if world > 1:  # ranks may cut their streams into different numbers of steps: stop with the first
+                batches = distributed.lockstep(batches)
+            for i, x in enumerate(batches):
                 if i < pos["consumed"]:
                     continue
                 if resuming:
