@@ -119,17 +119,19 @@ class _Module(nn.Module):
 
 
 class GeneEmbedding(nn.Module):
-    """Scalar expression value -> H-vector by a learned soft assignment to `bin_num` embeddings."""
+    """Scalar expression value -> H-vector by a learned soft assignment to `bin_num` embeddings (xTrimoGene's
+    auto-discretisation embedding, shared by AIDO.Cell and scFoundation); values equal to `mask_value` /
+    `pad_value` take the mask / pad embedding."""
 
-    def __init__(self, cfg: AIDOCellConfig):
+    def __init__(self, hidden_size: int, bin_num: int, bin_alpha: float, mask_value: float, pad_value: float):
         super().__init__()
-        self.bin_alpha = cfg.bin_alpha
-        self.mask_value, self.pad_value = float(cfg.mask_token_id), float(cfg.pad_token_id)
-        self.linear1 = nn.Linear(1, cfg.bin_num)
-        self.linear2 = nn.Linear(cfg.bin_num, cfg.bin_num)
-        self.lookup_table = nn.Embedding(cfg.bin_num, cfg.hidden_size)
-        self.mask_embedding = nn.Embedding(1, cfg.hidden_size)
-        self.pad_embedding = nn.Embedding(1, cfg.hidden_size)
+        self.bin_alpha = bin_alpha
+        self.mask_value, self.pad_value = float(mask_value), float(pad_value)
+        self.linear1 = nn.Linear(1, bin_num)
+        self.linear2 = nn.Linear(bin_num, bin_num)
+        self.lookup_table = nn.Embedding(bin_num, hidden_size)
+        self.mask_embedding = nn.Embedding(1, hidden_size)
+        self.pad_embedding = nn.Embedding(1, hidden_size)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, H]
         u = F.leaky_relu(self.linear1(values.unsqueeze(-1).to(self.linear1.weight.dtype)), 0.1)
@@ -231,7 +233,8 @@ class AIDOCell(ScFM):
                                   "embedding.weight needs a row per gene + 2 depth tokens); pass its genes")
         self.n_layers, self.d_model = cfg.num_hidden_layers, cfg.hidden_size
         self.bert = _Module()
-        self.bert.gene_embedding = GeneEmbedding(cfg)
+        self.bert.gene_embedding = GeneEmbedding(cfg.hidden_size, cfg.bin_num, cfg.bin_alpha, cfg.mask_token_id,
+                                                 cfg.pad_token_id)
         n_positions = cfg.max_position_embeddings + N_DEPTH_TOKENS
         self.bert.position_embedding = nn.Embedding(n_positions, cfg.hidden_size)
         self.bert.encoder = _Module()

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from sae_fast.errors import UserError
+
 
 class CellBatch(NamedTuple):
     """A batch of B cells tokenised for one model, T tokens each.
@@ -99,8 +101,37 @@ class ScFM(nn.Module):
                 stop: bool = False, start: torch.Tensor | None = None) -> ModelOutput:
         raise NotImplementedError
 
-    def check_layer(self, layer: int | None) -> None:
-        from sae_fast.errors import UserError
+    no_expression: str | None = None  # why `ModelOutput.expression` is None for this model, if it always is
 
+    def require_expression(self, out: ModelOutput) -> torch.Tensor:
+        """`out.expression`, or a UserError for a caller that needs predicted expression (steering DEGs, ...)."""
+        if out.expression is not None:
+            return out.expression
+        why = self.no_expression or "this forward pass stopped before the head (stop=True)"
+        raise UserError(f"{self.name} gives no predicted expression here: {why}")
+
+    def run_blocks(self, h: torch.Tensor | None, batch: CellBatch, block: Callable[[int, torch.Tensor], torch.Tensor],
+                   *, layer: int | None, hook: Hook | None, stop: bool, start: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Blocks 0..n_layers-1 as `block(i, h)`, or with `start` (block `layer`'s output) only the blocks after
+        `layer`. At block `layer` the output (or `start`) goes through `hook`, and is `hidden`; `stop` returns
+        there. Returns (h, hidden, stopped)."""
+        self.check_layer(layer)
+        if layer is None and (stop or hook is not None or start is not None):
+            raise UserError("hook=, stop=True and start= need layer=L (the block whose output they act on)")
+        first = 0 if start is None else layer + 1
+        h = h if start is None else start
+        hidden = None
+        for i in range(self.n_layers):
+            if i >= first:
+                h = block(i, h)
+            if i == layer:
+                edited = hook(h, batch) if hook is not None else None
+                h = hidden = h if edited is None else edited
+                if stop:
+                    return h, hidden, True
+        return h, hidden, False
+
+    def check_layer(self, layer: int | None) -> None:
         if layer is not None and not 0 <= layer < self.n_layers:
             raise UserError(f"layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}")

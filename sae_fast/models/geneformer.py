@@ -108,6 +108,8 @@ class Geneformer(ScFM):
         self.mlm = mlm
         self.version = version
         self.has_mlm_head = has_mlm_head
+        if not has_mlm_head:
+            self.no_expression = "the checkpoint has no masked-LM head (cls.predictions.*)"
         self.n_layers, self.d_model = cfg.num_hidden_layers, cfg.hidden_size
         self.embedding_layer = embedding_layer % self.n_layers
         self.max_len = min(INPUT_SIZE[version], cfg.max_position_embeddings)

@@ -237,26 +237,18 @@ class ScGPT(ScFM):
     # ------------------------------------------------------------------ forward
     def forward(self, batch: CellBatch, layer: int | None = None, hook: Hook | None = None, *,
                 stop: bool = False, start: torch.Tensor | None = None) -> ModelOutput:
-        self.check_layer(layer)
-        if layer is None and (stop or hook is not None or start is not None):
-            raise UserError("hook=, stop=True and start= need layer=L (the block whose output they act on)")
         device = self.encoder.embedding.weight.device
         batch = batch.to(device) if batch.mask.device != device else batch
         pad = ~batch.mask
+        h = None
         if start is None:
             values = batch.inputs["values"].to(self.encoder.embedding.weight.dtype)
-            h, first = self.encoder(batch.inputs["genes"]) + self.value_encoder(values), 0
-        else:  # block `layer` already ran: its output is `start`
-            h, first = start, layer + 1
-        hidden = None
-        for i in range(self.n_layers):
-            if i >= first:
-                h = self.transformer_encoder.layers[i](h, src_key_padding_mask=pad)
-            if i == layer:
-                edited = hook(h, batch) if hook is not None else None
-                h = hidden = h if edited is None else edited
-                if stop:
-                    return ModelOutput(hidden, None, None)
+            h = self.encoder(batch.inputs["genes"]) + self.value_encoder(values)
+        layers = self.transformer_encoder.layers
+        h, hidden, stopped = self.run_blocks(h, batch, lambda i, x: layers[i](x, src_key_padding_mask=pad),
+                                             layer=layer, hook=hook, stop=stop, start=start)
+        if stopped:
+            return ModelOutput(hidden, None, None)
         is_gene = batch.gene_ids >= 0
         expression = torch.where(is_gene, self.decoder(h), 0.0)
         if self.embedding_rule == "cls":
