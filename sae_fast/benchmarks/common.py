@@ -2,12 +2,15 @@
 
 Every benchmark module in this package exposes `run(quick: bool = False) -> list[dict]`, each dict made by
 `record(...)`: keys bench, config, device, ours_s, reference_s, speedup (= reference_s / ours_s), plus extras.
+A measurement that did not happen is null (never NaN: the files are strict JSON).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
+import os
 import resource
 import statistics
 import subprocess
@@ -34,6 +37,37 @@ def time_fn(fn, *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> f
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, *, repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times (s) of every fn in `fns`, called in turn once per round for `repeat` rounds.
+
+    On a shared machine the load changes from second to second; interleaving exposes every contender to the
+    same load, so ratios of minima (or medians of per-round ratios) compare like with like."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def machine_load() -> dict:
+    """The 1/5/15-minute load averages next to the core count: how shared the machine was during a run."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return {"cores": os.cpu_count()}
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2), "loadavg_15m": round(fifteen, 2),
+            "cores": os.cpu_count()}
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -44,9 +78,23 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return f"cpu: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads)"
 
 
-def record(bench: str, config: dict, device: str, ours_s: float, reference_s: float, **extra) -> dict:
-    return {"bench": bench, "config": config, "device": device, "ours_s": ours_s, "reference_s": reference_s,
-            "speedup": reference_s / ours_s if ours_s > 0 else float("nan"), **extra}
+def finite(v):
+    """v with every non-finite float (NaN, inf), also inside dicts and lists, replaced by None."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return v
+
+
+def record(bench: str, config: dict, device: str, ours_s: float | None, reference_s: float | None,
+           **extra) -> dict:
+    """One measurement; `reference_s` None (or NaN) = the reference did not run, and speedup is then None."""
+    ok = ours_s is not None and reference_s is not None and ours_s > 0
+    return finite({"bench": bench, "config": config, "device": device, "ours_s": ours_s,
+                   "reference_s": reference_s, "speedup": reference_s / ours_s if ok else None, **extra})
 
 
 def peak_rss_of(code: str, *, baseline: bool = True) -> int:
@@ -85,8 +133,12 @@ def self_peak_rss() -> int:
 
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'bench':<12} {'config':<48} {'ours (s)':>10} {'ref (s)':>10} {'speedup':>8}"]
+    def num(v, width, fmt=".4g"):
+        return f"{v:>{width}{fmt}}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+
     for r in rows:
         cfg = json.dumps(r["config"], separators=(",", ":"))[:48]
-        lines.append(f"{r['bench']:<12} {cfg:<48} {r['ours_s']:>10.4g} {r['reference_s']:>10.4g} "
-                     f"{r['speedup']:>7.2f}x")
+        speedup = f"{num(r.get('speedup'), 7, '.2f')}x" if r.get("speedup") is not None else f"{'-':>8}"
+        lines.append(f"{r['bench']:<12} {cfg:<48} {num(r.get('ours_s'), 10)} {num(r.get('reference_s'), 10)} "
+                     f"{speedup}")
     return "\n".join(lines)

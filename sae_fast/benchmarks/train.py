@@ -29,10 +29,11 @@ matrices (671 MB each at N=32,768); ours holds [N, k] codes and one chunk of pre
 from __future__ import annotations
 
 import importlib.util
+import statistics
 
 import torch
 
-from sae_fast.benchmarks.common import device_name, peak_rss_of, record, time_fn
+from sae_fast.benchmarks.common import device_name, machine_load, peak_rss_of, record, time_interleaved
 
 # Peers we tried to install (pip install --dry-run, Nov 2026) and did not, to keep the environment intact.
 NOT_INSTALLED = {
@@ -81,12 +82,13 @@ class DenseTopK(torch.nn.Module):
 
 
 def _ours(s, device):
+    """(sae, optimizer, step function) of our TopK SAE."""
     from sae_fast import TopKSAE
     from sae_fast.sae.train import make_optimizer, train_step
 
     sae = TopKSAE(s["d"], s["F"], s["k"]).to(device)
     opt = make_optimizer(sae, 1e-3)
-    return lambda x: train_step(sae, opt, x)
+    return sae, opt, lambda x: train_step(sae, opt, x)
 
 
 def _dense(s, device):
@@ -117,7 +119,7 @@ def _sparsify(s, device):
 
 
 _MEM_CODE = {
-    "ours": "from sae_fast.benchmarks.train import _ours\nstep = _ours({s!r}, 'cpu')\n",
+    "ours": "from sae_fast.benchmarks.train import _ours\nstep = _ours({s!r}, 'cpu')[2]\n",
     "reference": "from sae_fast.benchmarks.train import _dense\nstep = _dense({s!r}, 'cpu')\n",
 }
 
@@ -128,47 +130,91 @@ def _peak(which: str, s: dict) -> int:
     return peak_rss_of(code)
 
 
+def _pieces(sae, opt, x) -> dict:
+    """Our step cut into its pieces, each callable on its own with the step's tensors and kernels (TopK on the
+    active backend): encoder GEMM (row chunks, as the step runs it), top-k selection on those chunks, decode,
+    the decoder's backward (pair dot products + segmented reduction), the encoder's backward (segmented
+    reduction), the decoder-gradient projection, Adam, the decoder-norm projection. What the step does besides
+    (loss, ReLU gate, b_pre's encoder term, input checks, dead-latent clocks) is the step minus their sum."""
+    from sae_fast import ops
+
+    kern = ops._kernels(x, sae.cfg.backend)
+    k, F = sae.cfg.k, sae.cfg.n_features
+    with torch.no_grad():
+        W, b, W_dec = sae.W_enc.detach(), sae._b_eff().detach(), sae.W_dec.detach()
+        rows = ops._chunk_rows(F)
+        chunks = [x[i:i + rows] for i in range(0, x.shape[0], rows)]
+        pres = [kern.linear(c, W, b) for c in chunks]
+        idx, vals = sae.encode(x)
+        g, g_vals = torch.randn_like(x), torch.randn_like(vals)
+    return {
+        "encode_gemm": lambda: [kern.linear(c, W, b) for c in chunks],
+        "topk_select": lambda: [kern.select_topk(p, k) for p in pres],
+        "decode": lambda: kern.gather_combine(idx, vals, W_dec),
+        "decode_backward": lambda: (kern.pair_dot(idx, g, W_dec),
+                                    kern.segment_reduce(kern.reverse_index(idx, F), vals, g, F)),
+        "encode_backward": lambda: kern.segment_reduce(kern.reverse_index(idx, F), g_vals, x, F, with_sum=True),
+        "decoder_grad_projection": sae.remove_parallel_grad,
+        "adam": opt.step,
+        "decoder_norm": sae.normalize_decoder,
+    }
+
+
 def run(quick: bool = False) -> list[dict]:
     s = _sizes(quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dev_name = device_name(device)
     torch.manual_seed(0)
     x = torch.randn(s["N"], s["d"], device=device)
-    repeat = 3 if quick else 5
     cfg = {k: s[k] for k in ("d", "F", "k", "N")} | {"dtype": "float32"}
 
-    ours = _ours(s, device)
-    t_ours = time_fn(lambda: ours(x), repeat=repeat)
-    dense = _dense(s, device)
-    t_ref = time_fn(lambda: dense(x), repeat=repeat)
+    sae, opt, ours = _ours(s, device)
     W = torch.randn(s["F"], s["d"], device=device)
-    t_floor = time_fn(lambda: x @ W.T, repeat=repeat)
-    rows = [record("train", cfg, dev_name, t_ours, t_ref, reference="dense PyTorch TopK step",
-                   floor_s=t_floor, floor_ratio=t_ours / t_floor)]
+    steps = {"ours": lambda: ours(x), "floor": lambda: x @ W.T}
+    pieces = _pieces(sae, opt, x)
+    steps |= {f"piece {name}": fn for name, fn in pieces.items()}
+    dense = _dense(s, device)
+    steps["reference"] = lambda: dense(x)
+    has_sparsify = importlib.util.find_spec("sparsify") is not None
+    if has_sparsify:
+        sparsify_step = _sparsify(s, device)
+        steps["sparsify"] = lambda: sparsify_step(x)
+    load_before = machine_load()
+    times = time_interleaved(steps, repeat=3 if quick else 25)
+    load = {"before": load_before, "after": machine_load()}
+    best = {name: min(t) for name, t in times.items()}
+    per_round = [o / f for o, f in zip(times["ours"], times["floor"])]
+    breakdown = {name: best[f"piece {name}"] for name in pieces}
+    breakdown["rest (loss, gate, b_pre term, checks, dead-latent clocks)"] = best["ours"] - sum(breakdown.values())
+    timing = ("minimum over rounds; every round runs each contender once, in turn (a shared machine's load hits "
+              "all alike)")
+    rows = [record("train", cfg, dev_name, best["ours"], best["reference"], reference="dense PyTorch TopK step",
+                   floor_s=best["floor"], floor_ratio=best["ours"] / best["floor"],
+                   floor_ratio_median=statistics.median(per_round),
+                   median_s={n: statistics.median(times[n]) for n in ("ours", "floor", "reference")},
+                   breakdown_s=breakdown,
+                   breakdown_over_floor={n: t / best["floor"] for n, t in breakdown.items()},
+                   rounds=len(times["ours"]), timing=timing, load=load)]
 
     for name, why in NOT_INSTALLED.items():
-        rows.append(record("train", cfg | {"peer": name}, dev_name, t_ours, float("nan"), reference=name,
+        rows.append(record("train", cfg | {"peer": name}, dev_name, best["ours"], None, reference=name,
                            skipped=why))
-    if importlib.util.find_spec("sparsify") is None:
-        rows.append(record("train", cfg | {"peer": "sparsify"}, dev_name, t_ours, float("nan"),
-                           reference="sparsify", skipped="eai-sparsify is not installed (pip install "
-                                                         "eai-sparsify)"))
+    if has_sparsify:
+        rows.append(record("train", cfg | {"peer": "sparsify"}, dev_name, best["ours"], best["sparsify"],
+                           reference="sparsify", decoder="triton" if device == "cuda" else "eager (embedding_bag)",
+                           timing=timing, load=load))
     else:
-        step = _sparsify(s, device)
-        t_peer = time_fn(lambda step=step: step(x), repeat=repeat)
-        rows.append(record("train", cfg | {"peer": "sparsify"}, dev_name, t_ours, t_peer,
-                           reference="sparsify",
-                           decoder="triton" if device == "cuda" else "eager (embedding_bag)"))
+        rows.append(record("train", cfg | {"peer": "sparsify"}, dev_name, best["ours"], None, reference="sparsify",
+                           skipped="eai-sparsify is not installed (pip install eai-sparsify)"))
 
     if device == "cpu":
         mem_ours, mem_ref = _peak("ours", s), _peak("reference", s)
         # Both pay torch's one-off cost of creating any torch.optim optimizer (it imports torch._dynamo,
         # ~140 MB of modules); the net ratio leaves that shared constant out.
         fixed = peak_rss_of("torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])")
-        rows.append(record("train-mem", cfg | {"N": s["N_mem"]}, dev_name, float(mem_ours), float(mem_ref),
-                           reference="dense PyTorch TopK step", unit="bytes (peak RSS)",
-                           memory_ratio=mem_ours / mem_ref if mem_ref else float("nan"),
-                           optimizer_import_bytes=fixed,
-                           memory_ratio_net=(mem_ours - fixed) / (mem_ref - fixed) if mem_ref > fixed
-                           else float("nan")))
+        rows.append(record("train-mem", cfg | {"N": s["N_mem"]}, dev_name, None, None,
+                           reference="dense PyTorch TopK step", unit="bytes (peak RSS of one step, fresh process)",
+                           ours_bytes=mem_ours, reference_bytes=mem_ref,
+                           memory_ratio=mem_ours / mem_ref if mem_ref else None, optimizer_import_bytes=fixed,
+                           memory_ratio_net=(mem_ours - fixed) / (mem_ref - fixed) if mem_ref > fixed else None))
     return rows
