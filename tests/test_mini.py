@@ -1,30 +1,25 @@
-"""The embedded `mini` model loads from package data, beats the per-gene-mean baseline on held-out cells."""
+"""The embedded `mini` models: v1 loads from package data; v2's pretraining recipe (stratified seeded split, gene
+choice, resumable training that ends where an uninterrupted run ends) and its held-out evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from sae_fast import datasets, load_model
+from sae_fast.models import pretrain_mini as pm
 from sae_fast.models.aido_cell import aido_cell_genes
-from sae_fast.models.pretrain_mini import MINI_CONFIG, evaluate, masked_values
 from sae_fast.models.registry import mini_path
 
 
-@pytest.fixture(scope="module")
-def mini():
-    return load_model("mini")
-
-
-@pytest.fixture(scope="module")
-def log():
-    return json.loads((mini_path() / "training_log.json").read_text())
-
-
-def test_mini_loads(mini, log):
-    assert mini.name == "mini" and (mini.n_layers, mini.d_model) == (4, 128) and mini.config == MINI_CONFIG
+def test_mini_v1_loads():
+    mini = load_model("mini")
+    log = json.loads((mini_path() / "training_log.json").read_text())
+    assert mini.name == "mini" and (mini.n_layers, mini.d_model) == (4, 128)
     assert mini.bert.position_embedding.weight.dtype == torch.float32
     demo = datasets.pbmc_demo()
     assert len(mini.genes) == 1024 and set(mini.genes) <= set(demo.var_names) & set(aido_cell_genes())
@@ -33,16 +28,67 @@ def test_mini_loads(mini, log):
     assert log["heldout_masked_mse"] < log["heldout_baseline_per_gene_mean_mse"]
 
 
-def test_mini_beats_per_gene_mean_on_heldout_cells(mini, log):
-    """Recompute the shipped held-out numbers from the shipped weights and the bundled cells."""
-    demo = datasets.pbmc_demo()
-    held = demo.obs_names.isin(log["heldout_cells"])
-    assert held.sum() == log["n_heldout_cells"]
-    gene_mean = masked_values(mini, demo[~held], 0.0, 0)[1].mean(0, keepdim=True)
-    fraction = float(log["settings"]["mask_fraction"])
-    values, truth = masked_values(mini, demo[held], fraction, log["eval_mask_seed"])
-    res = evaluate(mini, values, truth, gene_mean)
-    assert res["n_masked_values"] == log["heldout_n_masked_values"]
-    assert res["model_mse"] == pytest.approx(log["heldout_masked_mse"], rel=1e-4)
-    assert res["baseline_mse"] == pytest.approx(log["heldout_baseline_per_gene_mean_mse"], rel=1e-4)
-    assert res["model_mse"] < res["baseline_mse"]
+def test_split_is_stratified_and_seeded():
+    labels = np.repeat(np.array(["a", "b", "c", "d"]), [200, 50, 7, 1])
+    held = pm.split_cells(labels, 0.1, seed=3)
+    assert {lab: int(held[labels == lab].sum()) for lab in "abcd"} == {"a": 20, "b": 5, "c": 1, "d": 0}
+    assert np.array_equal(held, pm.split_cells(labels, 0.1, seed=3))
+    assert not np.array_equal(held, pm.split_cells(labels, 0.1, seed=4))
+
+
+def test_masked_value_scores_match_numpy():
+    rng = np.random.default_rng(0)
+    train, truth = rng.gamma(1.0, 1.0, (60, 7)), rng.gamma(1.0, 1.0, (20, 7))
+    train_labels, labels = rng.choice(["x", "y", "z"], 60), rng.choice(["x", "y", "w"], 20)  # w: no training cell
+    truth[labels == "x"] += 2.0
+    train[train_labels == "x"] += 2.0
+    masked = rng.random((20, 7)) < 0.4
+    pred = truth + rng.normal(0, 0.5, truth.shape)
+    got = pm.masked_value_scores(pred.astype(np.float32), truth, masked, train, train_labels, labels)
+    # independent: loop over the masked entries one by one
+    model = base = ref = 0.0
+    for i, j in zip(*np.nonzero(masked)):
+        same = train[train_labels == labels[i], j]
+        model += (pred[i, j].astype(np.float32) - truth[i, j]) ** 2
+        base += (train[:, j].mean() - truth[i, j]) ** 2
+        ref += ((same.mean() if len(same) else train[:, j].mean()) - truth[i, j]) ** 2
+    n = masked.sum()
+    assert got.n_masked_values == n and got.n_cells == 20
+    assert got.model_mse == pytest.approx(model / n, rel=1e-6)
+    assert got.per_gene_mean_mse == pytest.approx(base / n, rel=1e-12)
+    assert got.per_cell_type_mean_mse == pytest.approx(ref / n, rel=1e-12)
+    assert got.per_cell_type_mean_mse < got.per_gene_mean_mse
+    assert got.gap_closed == pytest.approx((base - model) / (base - ref), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_cells():
+    adata = datasets.pbmc3k160()
+    adata.obs["stratum"] = adata.obs["cell_type_fine"].astype(str)
+    return adata
+
+
+def test_choose_genes(tiny_cells):
+    genes = pm.choose_genes(tiny_cells, 300)
+    order = {g: i for i, g in enumerate(aido_cell_genes())}
+    assert len(set(genes)) == 300 and [order[g] for g in genes] == sorted(order[g] for g in genes)
+    expressed = set(tiny_cells.var_names[np.asarray((tiny_cells.X > 0).mean(0)).ravel() >= 0.01])
+    markers = pm.marker_genes() & expressed & set(order)
+    assert 50 < len(markers) < 300 and markers <= set(genes)  # every expressed marker is in
+
+
+def test_resume_gives_the_uninterrupted_state(tiny_cells, tmp_path):
+    cfg = dataclasses.replace(pm.MINI_CONFIG, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=48)
+    s = pm.PretrainSettings(steps=6, tokens_per_step=256, genes_per_step=(32, 64), warmup=2)
+    kw = {"adata": tiny_cells, "n_genes": 64, "config": cfg, "checkpoint_every": 2, "eval_every": 0}
+    full = pm.pretrain(tmp_path / "a", s, **kw)
+    assert pm.pretrain(tmp_path / "b", s, stop_after=3, **kw) is None  # interrupted after the step-4 checkpoint
+    assert json.loads((tmp_path / "b/checkpoint/log.json").read_text())["steps_done"] == 4
+    resumed = pm.pretrain(tmp_path / "b", s, **kw)
+    a, b = (load_model("aido_cell", path=tmp_path / x).state_dict() for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["heldout"] == full["heldout"] and resumed["history"] == [
+        {**r, "elapsed_s": r2["elapsed_s"]} for r, r2 in zip(full["history"], resumed["history"], strict=True)]
+    with pytest.raises(ValueError, match="other settings"):
+        pm.pretrain(tmp_path / "b", dataclasses.replace(s, lr=1e-4), **kw)
