@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
+import os
 import types
 import typing
 from pathlib import Path
@@ -16,12 +18,30 @@ from pathlib import Path
 from sae_fast.errors import UserError
 
 
-def option(default=dataclasses.MISSING, help: str = "", *, choices=None, default_factory=dataclasses.MISSING):
-    """A dataclass field carrying its CLI help (and optional choices)."""
-    meta = {"help": help, "choices": choices}
+def option(default=dataclasses.MISSING, help: str = "", *, choices=None, bounds: str | None = None,
+           default_factory=dataclasses.MISSING):
+    """A dataclass field carrying its CLI help, optional choices, and optional bounds: an interval such as
+    "(0, inf)", "[1, inf)" or "(0, 1]" that `build` enforces (with the type) on every value it is given."""
+    meta = {"help": help, "choices": choices, "bounds": _parse_bounds(bounds) if bounds else None}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _parse_bounds(text: str) -> tuple[float, bool, float, bool]:
+    """'(0, 1]' -> (0.0, False, 1.0, True): low, low included, high, high included."""
+    low, high = (float(x) for x in text.strip()[1:-1].split(","))
+    return low, text.strip()[0] == "[", high, text.strip()[-1] == "]"
+
+
+def _bounds_text(bounds) -> str:
+    low, low_in, high, high_in = bounds
+    parts = []
+    if low != float("-inf"):
+        parts.append(f"{'>=' if low_in else '>'} {low:g}")
+    if high != float("inf"):
+        parts.append(f"{'<=' if high_in else '<'} {high:g}")
+    return " and ".join(parts)
 
 
 def _base_type(tp):
@@ -50,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", ski
         flag = "--" + (prefix + f.name).replace("_", "-")
         help_ = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
+        bounds = f" ({_bounds_text(f.metadata['bounds'])})" if f.metadata.get("bounds") else ""
         kw = dict(dest=prefix + f.name, default=argparse.SUPPRESS,
-                  help=f"{help_} (default: {default!r})" if help_ else f"(default: {default!r})")
+                  help=f"{help_} (default: {default!r}){bounds}" if help_ else f"(default: {default!r}){bounds}")
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) in (list, tuple):
@@ -62,27 +83,106 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", ski
 
 
 def from_args(cls, ns: argparse.Namespace | dict, base=None, *, prefix: str = ""):
-    """Build `cls` from parsed arguments, starting from `base` (an instance) or the defaults."""
+    """Build `cls` from parsed arguments, starting from `base` (an instance) or the defaults; values are checked
+    as in `build`, with errors naming the --flag."""
     values = vars(ns) if isinstance(ns, argparse.Namespace) else dict(ns)
     given = {f.name: values[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in values}
-    return dataclasses.replace(base, **given) if base is not None else build(cls, given)
+    if base is not None:
+        given = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}, **given}
+    return build(cls, given, flags=True)
 
 
-def build(cls, values: dict, *, where: str = ""):
-    """Construct `cls` from a dict, rejecting unknown keys with a message that lists the valid ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans", Path: "paths"}
+
+
+def _check_type(value, tp):
+    """`value` as type `tp` (int, float, str, bool, Path, list[T], T | None), or raise ValueError(expected)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(" or ".join(errors))
+    if origin in (list, tuple):
+        inner = (typing.get_args(tp) or (str,))[0]
+        try:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [_check_type(v, inner) for v in value]
+        except ValueError:
+            raise ValueError(f"a list of {_PLURALS.get(inner, 'values')}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError("an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError("a string")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError("a path")
+        return Path(value)
+    return value
+
+
+def build(cls, values: dict, *, where: str = "", flags: bool = False):
+    """Construct `cls` from a dict, checking every key: unknown keys (the message lists the valid ones), types
+    (TOML `"32"` for an integer is refused, not converted), choices and bounds. All problems are reported
+    together, one line each, naming `WHERE.key` (or the `--flag` with flags=True)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    where = where or cls.__name__
+
+    def key(name):
+        return "--" + name.replace("_", "-") if flags else f"{where}.{name}"
+
+    errors = []
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise UserError(f"{where or cls.__name__}: unknown option(s) {', '.join(unknown)}; "
-                        f"valid: {', '.join(sorted(names))}")
+        errors.append(f"unknown option(s) {', '.join(map(key, unknown))}; valid: {', '.join(sorted(names))}")
     hints = _hints(cls)
+    checked = {}
     for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        try:
+            value = _check_type(value, hints[f.name])
+        except ValueError as e:
+            hint = " (without quotes)" if isinstance(value, str) and str(e) in ("an integer", "a number") else ""
+            errors.append(f"{key(f.name)} = {value!r}: expected {e}{hint}")
+            continue
         choices = f.metadata.get("choices")
-        if f.name in values and choices and values[f.name] not in choices:
-            raise UserError(f"{where or cls.__name__}.{f.name} = {values[f.name]!r}; choose one of {choices}")
-        if f.name in values and _base_type(hints[f.name]) is Path and values[f.name] is not None:
-            values[f.name] = Path(values[f.name])
-    return cls(**values)
+        if choices and not all(v in choices for v in (value if isinstance(value, list) else [value])):
+            errors.append(f"{key(f.name)} = {value!r}; choose one of {list(choices)}")
+            continue
+        bounds = f.metadata.get("bounds")
+        if bounds and value is not None:
+            low, low_in, high, high_in = bounds
+            for v in value if isinstance(value, list) else [value]:
+                if not ((low <= v if low_in else low < v) and (v <= high if high_in else v < high)):
+                    errors.append(f"{key(f.name)} = {value!r}: must be {_bounds_text(bounds)}")
+                    break
+        checked[f.name] = value
+    if errors:
+        raise UserError("\n".join(errors))
+    return cls(**checked)
 
 
 def load_toml(path: str | Path) -> dict:

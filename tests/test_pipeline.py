@@ -87,7 +87,7 @@ def test_examples_cover_demo_y_and_p():
 def test_unknown_keys_and_sections_list_the_valid_ones(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sae]\nepoch = 3\n")
-    with pytest.raises(UserError, match=r"bad.toml \[sae\]: unknown option\(s\) epoch; valid: .*epochs"):
+    with pytest.raises(UserError, match=r"bad.toml: unknown option\(s\) sae.epoch; valid: .*epochs"):
         load_config(bad)
     bad.write_text("[trainer]\nepochs = 3\n")
     with pytest.raises(UserError, match=r"unknown section\(s\) \[trainer\]; valid: .*\[sae\]"):
@@ -190,3 +190,14 @@ def test_killed_run_resumes_and_completes(tmp_path):
     assert [e["event"] for e in events].count("resume") == 1
     stages = [e["stage"] for e in events if e["event"] == "stage_done"]
     assert stages.count("extract") == 1 and stages.count("train") == 1 and stages[-1] == "summary"
+
+
+def test_resume_survives_a_torn_metrics_line(tmp_path):
+    """A kill in the middle of appending to metrics.jsonl leaves a partial last line; the resume drops it (and
+    the lines after the checkpoint) instead of crashing on it."""
+    from sae_fast.sae.train import _trim_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 50, "fvu": 0.5}\n{"step": 100, "fvu": 0.4}\n{"step": 150, "fvu": 0.3}\n{"step": 2')
+    _trim_log(log, 100)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [50, 100]

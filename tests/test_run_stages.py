@@ -78,7 +78,7 @@ def test_plugin_check_runs_before_the_folder_exists(probe_stages, tmp_path):
     with pytest.raises(UserError, match="probe.scale = -1.0"):
         run_pipeline(load_config(None, [*BASE, "probe.scale=-1.0"]), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(UserError, match=r"\[probe\]: unknown option\(s\) scal; valid: scale"):
+    with pytest.raises(UserError, match=r"unknown option\(s\) probe.scal; valid: scale"):
         load_config(None, [*BASE, "probe.scal=1"])
 
 

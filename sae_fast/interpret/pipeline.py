@@ -54,22 +54,25 @@ class InterpretConfig:
                               choices=("paper", "code", "none"))
     top_rule: str = option("paper", "top genes per feature: 'paper' = round(PR), 'code' = clip(int(PR * s), "
                            "clip_min, clip_max)", choices=("paper", "code"))
-    s: float = option(0.6, "scale s of the 'code' top-gene rule (0.6 or 1.0 in [Y]'s code)")
-    clip_min: int = option(10, "lower clip of the 'code' top-gene rule")
-    clip_max: int = option(100, "upper clip of the 'code' top-gene rule")
-    alpha: float = option(0.05, "significance level on BH q-values")
+    s: float = option(0.6, "scale s of the 'code' top-gene rule (0.6 or 1.0 in [Y]'s code)",
+                      bounds="(0, inf)")
+    clip_min: int = option(10, "lower clip of the 'code' top-gene rule", bounds="[1, inf)")
+    clip_max: int = option(100, "upper clip of the 'code' top-gene rule", bounds="[1, inf)")
+    alpha: float = option(0.05, "significance level on BH q-values", bounds="(0, 1]")
     baselines: list[str] = option(default_factory=lambda: ["raw", "ica"],
                                   help="baselines through the identical pipeline: raw (residual "
-                                  "neurons), ica")
-    ica_sample: int = option(5000, "tokens sampled to fit the ICA baseline (FastICA, d components)")
-    overlap_threshold: float = option(0.2, "edge threshold of the feature overlap graph")
+                                  "neurons), ica", choices=("raw", "ica"))
+    ica_sample: int = option(5000, "tokens sampled to fit the ICA baseline (FastICA, d components)",
+                             bounds="[1, inf)")
+    overlap_threshold: float = option(0.2, "edge threshold of the feature overlap graph", bounds="[0, 1]")
     label_keys: list[str] = option(default_factory=list, help="obs columns for the cell-level AMI/F1 tables "
                                    "(default: those among cell_type, batch, chemistry, ... that exist)")
     markers: str = option("immune_markers", "cell-type marker library tested against each feature's top "
                           "genes "
                           "('' to skip)")
-    batch_size: int = option(8, "cells per forward batch")
-    max_pairs: int = option(2_000_000, "activation-expression pairs kept for the Spearman test")
+    batch_size: int = option(8, "cells per forward batch", bounds="[1, inf)")
+    max_pairs: int = option(2_000_000, "activation-expression pairs kept for the Spearman test",
+                            bounds="[1, inf)")
     seed: int = option(0, "seed of the token samples (ICA, Spearman pairs)")
 
 

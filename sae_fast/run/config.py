@@ -29,7 +29,7 @@ class ModelSection:
     path: str | None = option(None, "checkpoint directory (HF folder for AIDO.Cell / Geneformer; "
                               "best_model.pt + args.json + vocab.json for scGPT); required for every model "
                               "except mini")
-    batch_size: int = option(8, "cells per forward pass ([Y]: 8)")
+    batch_size: int = option(8, "cells per forward pass ([Y]: 8)", bounds="[1, inf)")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class DataSection:
                        "pbmc68k_reduced, wu2020_tcells)")
     counts: str = option("X", "where the raw integer counts are: X, raw (adata.raw.X) or a key of "
                          "adata.layers")
-    max_cells: int | None = option(None, "use only the first N cells (for quick trials)")
+    max_cells: int | None = option(None, "use only the first N cells (for quick trials)", bounds="[1, inf)")
 
 
 @dataclass
@@ -48,7 +48,7 @@ class ExtractSection:
     """[extract]: where the residual stream is read and how the SAE is fed."""
 
     layer: int = option(12, "output of block L counted from 0, before the final norm ([Y]: 12 of "
-                        "AIDO.Cell-100M)")
+                        "AIDO.Cell-100M)", bounds="[0, inf)")
     tokens: str = option("all", "token selection: all, expressed (input value > 0) or sample:N (N tokens per "
                          "cell, as [P] with N=250)")
     mode: str = option("fused", "shards: write memory-mapped activation shards, then train on them "
@@ -146,8 +146,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for name, section in raw.items():
         if not isinstance(section, dict):
             raise UserError(f"{where}: {name} must be a [{name}] section, not a plain key")
-    return RunConfig({name: build(cls, dict(raw.get(name, {})), where=f"{where} [{name}]")
-                      for name, cls in known.items() if name in CORE or name in raw})
+    built, errors = {}, []
+    for name, cls in known.items():
+        if name in CORE or name in raw:
+            try:
+                built[name] = build(cls, dict(raw.get(name, {})), where=name)
+            except UserError as e:
+                errors += [f"{where}: {line}" for line in str(e).splitlines()]
+    if errors:
+        raise UserError("\n".join(errors))
+    return RunConfig(built)
 
 
 def to_toml(config: RunConfig) -> str:

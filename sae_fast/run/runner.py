@@ -34,8 +34,13 @@ def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Con
     can be wrong with the input (files, counts, vocabulary, layer, SAE size, feature indices) fails here,
     before the run folder is touched."""
     from sae_fast import load_model
+    from sae_fast.activations.extract import parse_tokens
     from sae_fast.run.stages import STAGES
 
+    try:
+        parse_tokens(config.extract.tokens)
+    except UserError as e:
+        raise UserError(f"extract.{e}") from None
     model = load_model(config.model.name, path=config.model.path)
     try:
         model.check_layer(config.extract.layer)

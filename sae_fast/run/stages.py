@@ -111,8 +111,21 @@ def evaluate(ctx: Context) -> dict:
 
 
 def check_interpret(ctx: Context) -> None:
-    """Example features within the dictionary, label columns present in obs."""
+    """Example features within the dictionary, label columns present in obs, the gene-set libraries found,
+    clip_min <= clip_max."""
+    from pathlib import Path
+
+    from sae_fast.interpret.genesets import BUNDLED
+
     config = ctx.config
+    cfg = config.interpret
+    for key in ("gene_sets", "markers"):
+        name = getattr(cfg, key)
+        if name and name not in BUNDLED and not name.startswith("enrichr:") and not Path(name).is_file():
+            raise UserError(f"interpret.{key} = {name!r}: no such gene-set library or GMT file; choose one of "
+                            f"{', '.join(BUNDLED)}, a GMT file path, or enrichr:LIBRARY")
+    if cfg.clip_min > cfg.clip_max:
+        raise UserError(f"interpret.clip_min = {cfg.clip_min} is above interpret.clip_max = {cfg.clip_max}")
     n = int(ctx.sae.W_dec.shape[0]) if config.run.sae is not None else n_features(config.sae, ctx.model.d_model)
     for f in config.interpret.features:
         if not 0 <= f < n:
@@ -149,5 +162,6 @@ STAGES: list[Stage] = [
     Stage("evaluate", evaluate, summary=summary.sae_block),
     Stage("interpret", interpret, check=check_interpret, summary=summary.interpret_block),
     # optional stages with their own config section go here, one line each: _plugin("steer"),
+    _plugin("debatch"),
     Stage("summary", summary.write_summary),
 ]
