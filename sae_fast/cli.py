@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = str(e) if isinstance(e, UserError) else f"{e.filename}: file not found"
-        print(f"sae-fast {args.command}: error: {msg}", file=sys.stderr)
+        for line in msg.splitlines():  # one line per problem (a config can have several)
+            print(f"sae-fast {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sae-fast {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
