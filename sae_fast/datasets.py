@@ -73,9 +73,9 @@ def data_path(filename: str) -> Path:
 
 def write_counts_h5ad(adata, path: str | Path) -> None:
     """Write raw counts compactly (how the bundled files were made): X as CSR with the smallest unsigned
-    integer type that holds the counts and uint16 gene indices where they fit, every array gzip-compressed
-    behind HDF5's byte-shuffle filter (Kang 2018: 23 MB as float32 -> 14 MB). `uns` is not written (the
-    provenance lives in PROVENANCE). Read back with anndata.read_h5ad; the loaders cast X to float32."""
+    integer type that holds the counts (int32 gene indices), every array gzip-compressed behind HDF5's
+    byte-shuffle filter (Kang 2018: 23 MB as float32 -> 15 MB). `uns` is not written (the provenance lives in
+    PROVENANCE). Read back with anndata.read_h5ad; the loaders cast X to float32."""
     import anndata as ad
     import h5py
     from anndata.io import write_elem
@@ -87,7 +87,7 @@ def write_counts_h5ad(adata, path: str | Path) -> None:
         raise UserError(f"{path}: X must hold non-negative integer counts")
     top = X.data.max() if X.nnz else 0
     X.data = X.data.astype(np.uint16 if top < 2**16 else np.uint32)
-    X.indices = X.indices.astype(np.uint16 if adata.n_vars <= 2**16 else np.int32)
+    X.indices = X.indices.astype(np.int32)
     out = ad.AnnData(X, obs=adata.obs, var=adata.var)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h:
         write_elem(h, "/", out, dataset_kwargs={"compression": "gzip", "compression_opts": 6, "shuffle": True})
