@@ -201,36 +201,3 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="'bert.embeddings.word_embeddings.weight'"):
         load_geneformer(tmp_path, token_dictionary=big, gene_median=medians)
 
-
-def test_gene_identifiers_and_empty_cells():
-    """Symbols (var_names or a var column) map onto Geneformer's Ensembl ids; versions are dropped; a cell
-    without vocabulary counts is refused or dropped with a warning, never a zero embedding in silence."""
-    from sae_fast.models.genes import id_table
-
-    _, to_ensembl = id_table()
-    genes = ["CD3E", "CD4", "MS4A1", "LYZ", "NKG7", "GNLY"]
-    ids = [to_ensembl[g][0] for g in genes]
-    tokens = {"<pad>": 0, "<mask>": 1, **{e: i + 2 for i, e in enumerate(ids)}}
-    medians = {e: 1.0 + i for i, e in enumerate(ids)}
-    cfg = dict(vocab_size=len(tokens), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=16, max_position_embeddings=16)
-    model = load_geneformer(token_dictionary=tokens, gene_median=medians, random_init_config=cfg, device="cpu")
-    X = np.random.default_rng(0).poisson(3.0, size=(4, 6)).astype(np.float32) + 1
-    adata = ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]),
-                       var=pd.DataFrame(index=ids))
-    base = next(iter(model.prepare(adata))).inputs["input_ids"]
-    for names, var, route in ((genes, {}, "var_names symbol->Ensembl"),
-                              ([e + ".12" for e in ids], {}, "var_names (version dropped)"),
-                              ([f"x{i}" for i in range(6)], {"gene_symbols": genes},
-                               "var['gene_symbols'] symbol->Ensembl")):
-        other = ad.AnnData(adata.X.copy(), obs=adata.obs, var=pd.DataFrame(var, index=names))
-        prepared = model.prepare(other)
-        assert prepared.alignment.routes == {route: 6}
-        assert torch.equal(next(iter(prepared)).inputs["input_ids"], base)
-    X[1] = 0
-    adata.X = sp.csr_matrix(X)
-    with pytest.raises(UserError, match="cell 'c1' has no counts over Geneformer's vocabulary"):
-        model.prepare(adata)
-    with pytest.warns(UserWarning, match="dropped 1 of 4 cells"):
-        prepared = model.prepare(adata, empty="drop")
-    assert next(iter(prepared)).cell_ids.tolist() == [0, 2, 3]

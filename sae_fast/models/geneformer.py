@@ -43,7 +43,7 @@ import torch
 from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.aido_cell import default_device_dtype
 from sae_fast.models.base import CellBatch, Hook, ModelOutput, PreparedData, ScFM
-from sae_fast.models.genes import count_rows, match_genes, nonempty_rows
+from sae_fast.models.genes import count_rows, match_genes
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +141,11 @@ class Geneformer(ScFM):
         being mapped to Ensembl ids (sae_fast.models.genes). CellBatch.expression holds each gene token's
         median-scaled value (the value that was ranked). A cell without counts over the vocabulary is an error
         naming it, or with `empty="drop"` is left out with a warning (`cell_ids` keep the AnnData's rows)."""
-        P, matched, alignment = match_genes(
-            adata, self.genes, gene_key=gene_key, layer=layer, model="Geneformer",
+        P, matched, alignment, kept = match_genes(
+            adata, self.genes, gene_key=gene_key, layer=layer, model="Geneformer", empty=empty,
             no_overlap="no gene of the AnnData is in Geneformer's token dictionary, which uses Ensembl ids (e.g. "
                        "'ENSG00000167286'), nor maps to it as a symbol: add adata.var['ensembl_id'] or pass "
                        "gene_key=")
-        X = adata.layers[layer] if layer is not None else adata.X
-        kept = nonempty_rows(adata, X, np.flatnonzero(P.getnnz(axis=1)), empty=empty, model="Geneformer")
-        alignment.dropped_cells = adata.n_obs - len(kept)
         median = self._median[matched]
         n_counts = None
         if n_counts_key in adata.obs:

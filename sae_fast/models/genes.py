@@ -101,9 +101,10 @@ def vocabulary_keys(adata, vocab_genes: Sequence[str], *, gene_key: str | None =
 
 
 def match_genes(adata, vocab_genes: Sequence[str], *, gene_key: str | None, layer: str | None, model: str,
-                no_overlap: str) -> tuple[sp.csr_matrix, np.ndarray, GeneAlignment]:
-    """Check `gene_key` and `layer`, then map adata's genes onto the vocabulary (`vocabulary_keys`) with
-    `gene_projection`. `no_overlap` is the error message when no gene matches."""
+                no_overlap: str, empty: str = "error") -> tuple[sp.csr_matrix, np.ndarray, GeneAlignment, np.ndarray]:
+    """Check `gene_key` and `layer`, map adata's genes onto the vocabulary (`vocabulary_keys`, then
+    `gene_projection`) and find the cells to keep (`nonempty_rows`): returns (P, matched, alignment, rows).
+    `no_overlap` is the error message when no gene matches."""
     if layer is not None and layer not in adata.layers:
         raise UserError(f"adata.layers has no {layer!r}; layers: {', '.join(adata.layers) or 'none'}")
     keys, routes = vocabulary_keys(adata, vocab_genes, gene_key=gene_key)
@@ -112,8 +113,11 @@ def match_genes(adata, vocab_genes: Sequence[str], *, gene_key: str | None, laye
     alignment.routes = routes
     if len(matched) == 0:
         raise UserError(no_overlap)
+    X = adata.layers[layer] if layer is not None else adata.X
+    rows = nonempty_rows(adata, X, np.flatnonzero(P.getnnz(axis=1)), empty=empty, model=model)
+    alignment.dropped_cells = adata.n_obs - len(rows)
     log.info("%s: %s", model, alignment.summary())
-    return P, matched, alignment
+    return P, matched, alignment, rows
 
 
 def gene_projection(data_genes: Sequence[str | None], vocab_genes: Sequence[str], *,
@@ -165,7 +169,7 @@ def nonempty_rows(adata, X, data_cols: np.ndarray, *, empty: str, model: str, ch
                         "model turns into NaN: remove it (e.g. sc.pp.filter_cells(adata, min_counts=1) after "
                         "subsetting to the vocabulary) or pass empty='drop'")
     warnings.warn(f"{model}: dropped {len(empty_rows)} of {X.shape[0]} cells with no counts over the vocabulary "
-                  f"genes (first: {first!r})", UserWarning, stacklevel=3)
+                  f"genes (first: {first!r})", UserWarning, stacklevel=4)
     return np.setdiff1d(rows, empty_rows)
 
 

@@ -44,7 +44,7 @@ from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.aido_cell import GeneEmbedding, aido_cell_genes, default_device_dtype
 from sae_fast.models.base import CellBatch, Hook, ModelOutput, PreparedData, ScFM
 from sae_fast.models.checkpoint import check_state_dict, load_weights_only
-from sae_fast.models.genes import count_rows, match_genes, nonempty_rows
+from sae_fast.models.genes import count_rows, match_genes
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,10 @@ class ScFoundation(ScFM):
         genes per cell (T and S always kept; [P] samples 4,096 tokens and may drop them); None keeps every
         expressed gene, as scFoundation does. A cell without counts over the vocabulary (log10 0 in the
         reference) is an error naming it, or with `empty="drop"` is left out with a warning."""
-        P, matched, alignment = match_genes(
-            adata, self.genes, gene_key=gene_key, layer=layer, model="scFoundation",
+        P, matched, alignment, kept = match_genes(
+            adata, self.genes, gene_key=gene_key, layer=layer, model="scFoundation", empty=empty,
             no_overlap="no gene of the AnnData is in scFoundation's 19,264-gene vocabulary (HGNC symbols such as "
                        "'CD3E', or their Ensembl ids); pass gene_key= naming an adata.var column of symbols")
-        X = adata.layers[layer] if layer is not None else adata.X
-        kept = nonempty_rows(adata, X, np.flatnonzero(P.getnnz(axis=1)), empty=empty, model="scFoundation")
-        alignment.dropped_cells = adata.n_obs - len(kept)
         if max_genes is not None and max_genes < 1:
             raise UserError(f"max_genes = {max_genes}; give a positive number of genes per cell, or None for all")
 

@@ -46,7 +46,7 @@ from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.aido_cell import default_device_dtype
 from sae_fast.models.base import CellBatch, Hook, ModelOutput, PreparedData, ScFM
 from sae_fast.models.checkpoint import check_state_dict, load_weights_only
-from sae_fast.models.genes import count_rows, match_genes, nonempty_rows
+from sae_fast.models.genes import count_rows, match_genes
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,10 @@ class ScGPT(ScFM):
         ties and gene sampling draw from a generator seeded by (seed, cell row), so every pass, and every batch
         size, gives the same tokens. A cell without counts over the vocabulary is an error naming it, or with
         `empty="drop"` is left out with a warning (`cell_ids` keep the AnnData's row numbers)."""
-        P, matched, alignment = match_genes(
-            adata, self.genes, gene_key=gene_key, layer=layer, model="scGPT",
+        P, matched, alignment, kept = match_genes(
+            adata, self.genes, gene_key=gene_key, layer=layer, model="scGPT", empty=empty,
             no_overlap="no gene of the AnnData matches scGPT's vocab.json (gene symbols such as 'CD3E', or their "
                        "Ensembl ids); pass gene_key= naming an adata.var column of HGNC symbols")
-        X = adata.layers[layer] if layer is not None else adata.X
-        kept = nonempty_rows(adata, X, np.flatnonzero(P.getnnz(axis=1)), empty=empty, model="scGPT")
-        alignment.dropped_cells = adata.n_obs - len(kept)
         max_len = max_seq_len or self.cfg.max_seq_len
         if max_len < 2:
             raise UserError(f"max_seq_len = {max_len}; it must leave room for <cls> and at least one gene")
