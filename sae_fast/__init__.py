@@ -6,7 +6,8 @@ The public API is small and imported lazily, so `import sae_fast` (and the CLI's
     sae_fast.train_sae(source, config=None, **overrides)             train on tensors, shards or a model
     sae_fast.evaluate(sae, source)                                   FVU, L0, dead % on held-out data
     sae_fast.load_sae(dir)                                           safetensors + cfg.json, never pickle
-    sae_fast.load_model(name, path=None)                             scFMs: aido_cell_*, scgpt, geneformer, mini
+    sae_fast.load_model(name, path=None)                             scFMs: aido_cell_*, scgpt, geneformer,
+                                                                     scfoundation, mini (docs/models.md)
     sae_fast.extract(model, adata, layer, out, ...)                  residual stream -> memory-mapped shards
     sae_fast.open_shards(dir)                                        random access to shards
     sae_fast.ops, sae_fast.datasets, sae_fast.interpret, sae_fast.activations
