@@ -185,6 +185,24 @@ def build(cls, values: dict, *, where: str = "", flags: bool = False):
     return cls(**checked)
 
 
+def options_table(cls) -> str:
+    """The Markdown table of `cls`'s options as the CLI shows them (flag, default, help, choices, bounds): what
+    docs/*.md embed, so the docs say exactly what the code does (tests compare them)."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meaning = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            meaning += f" (one of: {', '.join(f.metadata['choices'])})"
+        if f.metadata.get("bounds"):
+            meaning += f" ({_bounds_text(f.metadata['bounds'])})"
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{default!r}` | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
 def load_toml(path: str | Path) -> dict:
     """Read a TOML file, with a one-line error naming the file on failure."""
     try:

@@ -14,9 +14,10 @@ Run the whole job described by one TOML config, in a run folder:
 Sections: [model] name, path, batch_size; [data] path (an .h5ad or a bundled name), counts, max_cells;
 [extract] layer, tokens, mode (shards | fused), dtype; [sae] every `sae-fast train` option (arch, k,
 expansion, lr, epochs, ...); [interpret] every `sae-fast interpret` option (gene_sets, gene_filter, top_rule,
-alpha, baselines, ...) plus features (examples to show); [run] out, sae. Every key has a default that
-follows Yanovsky & Chernomoretz (AIDO.Cell-100M, layer 12, TopK k=32, 8x, lr 1e-3, 10 epochs, batches of 8
-cells). See examples/*.toml and docs/run.md.
+alpha, baselines, ...) plus features (examples to show); [run] out, sae. Every key has a default: Yanovsky &
+Chernomoretz's (AIDO.Cell-100M, layer 12, TopK k=32, 8x, lr 1e-3, 10 epochs, 8 cells per forward pass), except
+sae.batch_size, 8,192 tokens (Pedrocchi et al.'s step; for [Y]'s step of 8 whole cells set it to 8 x tokens per
+cell, as examples/aido_cell_100m_pbmc3k.toml does). See examples/*.toml and docs/run.md.
 
 The run folder holds config.resolved.toml, environment.json, log.jsonl (stage timings and the trainer's
 per-step metrics), state.json, sae/ (checkpoint), shards/ (mode shards), tables/, annotated.h5ad, summary.txt.

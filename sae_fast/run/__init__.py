@@ -6,7 +6,8 @@
 
 A run config is a TOML file with one section per stage; every key is a field of the section's dataclass
 (sae_fast/run/config.py; `[sae]` is sae_fast.sae.train.TrainConfig, `[interpret]` sae_fast.interpret's
-InterpretConfig plus `features`). Every default follows Yanovsky & Chernomoretz [Y] (docs/run.md lists them).
+InterpretConfig plus `features`). Every default is Yanovsky & Chernomoretz's [Y] except `[sae] batch_size`
+(8,192 tokens, [P]'s; [Y] steps on 8 whole cells, 8 x tokens per cell: see examples/aido_cell_100m_pbmc3k.toml).
 
     [model]      name, path, batch_size          which scFM (sae_fast.load_model)
     [data]       path, counts, max_cells         the cells (an .h5ad or a bundled name)
@@ -44,8 +45,10 @@ the summary stage: `_plugin("NAME"),`. The file defines
 
     STAGE = Stage("NAME", run, section=NameSection, check=check, summary=summary)
 
-importing only sae_fast.config, sae_fast.errors and sae_fast.run.context at module level (the module is
-imported whenever a config is loaded, so heavy imports go inside the functions).
+importing only light modules at module level (sae_fast.config, sae_fast.errors, sae_fast.run.context, the
+module defining its section): it is imported whenever a config is loaded, so heavy imports go inside the
+functions. Document every key of [NAME] in docs/NAME.md or docs/run.md (tests/test_pipeline.py checks), and
+commit the file and its STAGES line together: STAGES imports it, so one without the other breaks every run.
 
 The section. `[NAME]` becomes `config.NAME` (an instance of NameSection, keys checked by type like every
 section, with the same one-line errors); `--set NAME.key=value` works. The section is optional: when the TOML

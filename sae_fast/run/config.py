@@ -27,8 +27,8 @@ class ModelSection:
                        "aido_cell_3m/10m/100m/650m, aido_cell (sizes from the checkpoint's config.json), "
                        "scgpt, geneformer")
     path: str | None = option(None, "checkpoint directory (HF folder for AIDO.Cell / Geneformer; "
-                              "best_model.pt + args.json + vocab.json for scGPT); required for every model "
-                              "except mini")
+                              "best_model.pt + args.json + vocab.json for scGPT); None: mini is embedded, "
+                              "AIDO.Cell and Geneformer come from the Hugging Face Hub, scGPT needs one")
     batch_size: int = option(8, "cells per forward pass ([Y]: 8)", bounds="[1, inf)")
 
 
@@ -36,8 +36,9 @@ class ModelSection:
 class DataSection:
     """[data]: the cells, as raw counts."""
 
-    path: str = option("pbmc3k", "an .h5ad file, or a bundled data set name (pbmc3k, pbmc_demo, "
-                       "pbmc68k_reduced, wu2020_tcells)")
+    path: str = option("pbmc3k", "an .h5ad file, or a bundled data set name (pbmc3k: the full PBMC3K, [Y]'s "
+                       "data; pbmc3k160, pbmc_demo, kang2018, pbmc68k_reduced, wu2020_tcells, "
+                       "celltypist_sample)")
     counts: str = option("X", "where the raw integer counts are: X, raw (adata.raw.X) or a key of "
                          "adata.layers")
     max_cells: int | None = option(None, "use only the first N cells (for quick trials)", bounds="[1, inf)")
