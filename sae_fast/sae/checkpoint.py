@@ -1,4 +1,4 @@
-"""SAE checkpoints: `sae_weights.safetensors` + `cfg.json` in SAELens' layout. Never pickle.
+"""SAE checkpoints: `sae_weights.safetensors` + `cfg.json` in SAELens' layout, both directions. Never pickle.
 
 SAELens (v6) names and shapes: W_enc [d_in, d_sae] (our W_enc transposed), b_enc [d_sae], W_dec [d_sae, d_in],
 b_dec [d_in] (our b_pre). Architectures map to SAELens ones that compute the same function at inference:
@@ -11,6 +11,14 @@ b_dec [d_in] (our b_pre). Architectures map to SAELens ones that compute the sam
 
 Our own settings (arch, k, relu, l1_coeff, ...) live under the "sae_fast" key of cfg.json; `load_sae` rebuilds
 exactly the saved module (bitwise weights) from these two files alone.
+
+`load_sae` also reads checkpoints written by SAELens itself (no "sae_fast" key), with SAELens' inference rules:
+standard -> relu, topk -> topk (k from cfg.json), jumprelu -> batchtopk with a per-feature threshold (or
+log_threshold), gated -> gated. Their options are folded into our one layout, exactly in real arithmetic:
+apply_b_dec_to_input = false moves W_enc b_dec into the encoder biases; topk's rescale_acts_by_decoder_norm =
+true scales encoder rows by, and divides decoder rows by, the decoder norms. Settings that change the input
+(normalize_activations other than "none", reshape_activations, a scaling_factor other than 1) are refused by
+name. tests/fixtures/saelens holds files written and read by SAELens' own code (see make_fixture.py there).
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ WEIGHTS = "sae_weights.safetensors"
 CFG = "cfg.json"
 SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "relu": "standard",
                 "gated": "gated"}
+# The SAELens release whose layout save_sae writes and whose loader tests/fixtures/saelens was checked with.
+SAELENS_LAYOUT = "6.54.12"
+FROM_SAELENS = {"topk": "topk", "jumprelu": "batchtopk", "standard": "relu", "gated": "gated"}
 
 
 def _tensor_layout(sae) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -63,12 +74,14 @@ def save_sae(sae, path, *, model_name: str | None = None, hook_name: str | None 
     tensors = {name: _to_saelens(name, getattr(sae, attr).detach().cpu(), F)
                for name, (attr, _) in _tensor_layout(sae).items()}
     dtype = str(sae.W_dec.dtype).removeprefix("torch.")
-    meta = {"model_name": model_name, "hook_name": hook_name, "hook_layer": hook_layer}
+    # SAELens reads the layout of its version in metadata (without one it assumes a pre-6.0 file)
+    meta = {"sae_lens_version": SAELENS_LAYOUT, "model_name": model_name, "hook_name": hook_name,
+            "hook_layer": hook_layer}
     cfg_json = {
         "architecture": SAELENS_ARCH[cfg.arch], "d_in": cfg.d_in, "d_sae": F, "dtype": dtype, "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-        **({"k": cfg.k, "activation_fn_kwargs": {"k": cfg.k}} if cfg.arch == "topk" else {}),
-        **meta, "metadata": dict(meta),
+        **({"k": cfg.k, "rescale_acts_by_decoder_norm": False} if cfg.arch == "topk" else {}),
+        "metadata": meta,
         "sae_fast": {**dataclasses.asdict(cfg), "saelens_exact": not (cfg.arch == "topk" and not cfg.relu)},
     }
     with atomic_path(path / WEIGHTS) as tmp:
@@ -78,7 +91,8 @@ def save_sae(sae, path, *, model_name: str | None = None, hook_name: str | None 
 
 
 def load_sae(path, device: str | torch.device = "cpu"):
-    """Load an SAE written by `save_sae` / `sae.save` / `train_sae(out_dir=...)`: safetensors + JSON only.
+    """Load an SAE written by `save_sae` / `sae.save` / `train_sae(out_dir=...)`, or by SAELens' `save_model`
+    (see the module docstring): safetensors + JSON only.
 
     Returns the module in eval mode. A missing file, a missing tensor or a wrong shape raises a one-line
     CheckpointError (a UserError) naming the file and the tensor."""
@@ -88,24 +102,27 @@ def load_sae(path, device: str | torch.device = "cpu"):
     cfg_file, weights_file = path / CFG, path / WEIGHTS
     for f in (cfg_file, weights_file):
         if not f.is_file():
-            raise CheckpointError(f"{f}: not found; point load_sae at a directory written by sae.save() or "
-                                  f"train_sae(out_dir=...)")
+            raise CheckpointError(f"{f}: not found; point load_sae at a directory written by sae.save(), "
+                                  f"train_sae(out_dir=...) or SAELens' save_model")
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-    if "sae_fast" not in raw:
-        raise CheckpointError(f"{cfg_file}: no 'sae_fast' section; this loader reads SAEs saved by sae-fast")
-    known = {f.name for f in dataclasses.fields(SAEConfig)}
-    try:
-        cfg = SAEConfig(**{k: v for k, v in raw["sae_fast"].items() if k in known})
-        sae = SparseAutoencoder.from_config(cfg)
-    except (TypeError, UserError) as e:
-        raise CheckpointError(f"{cfg_file}: bad 'sae_fast' settings ({e})") from None
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file ({e})") from None
+    if "sae_fast" in raw:
+        known = {f.name for f in dataclasses.fields(SAEConfig)}
+        settings = {k: v for k, v in raw["sae_fast"].items() if k in known}
+    else:
+        settings = _saelens_settings(raw, cfg_file)
+        tensors = _from_saelens_tensors(raw, tensors, weights_file)
+    try:
+        sae = SparseAutoencoder.from_config(SAEConfig(**settings))
+    except (TypeError, UserError) as e:
+        raise CheckpointError(f"{cfg_file}: bad settings ({e})") from None
+    cfg = sae.cfg
     with torch.no_grad():
         for name, (attr, shape) in _tensor_layout(sae).items():
             if name not in tensors:
@@ -116,7 +133,58 @@ def load_sae(path, device: str | torch.device = "cpu"):
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"{weights_file}: tensor '{name}' has shape {list(t.shape)}, expected "
                                       f"{list(shape)} (cfg.json: d_in={cfg.d_in}, d_sae={cfg.n_features})")
-            target = getattr(sae, attr)
-            t = t.T if name == "W_enc" else (t[0] if name == "threshold" else t)
-            target.data = t.clone().contiguous()
+            if name == "W_enc":
+                t = t.T
+            elif name == "threshold" and bool((t == t[0]).all()):
+                t = t[0]  # one learned theta (ours); SAELens' jumprelu keeps one per feature
+            getattr(sae, attr).data = t.clone().contiguous()
     return sae.to(device).eval()
+
+
+def _saelens_settings(raw: dict, cfg_file: Path) -> dict:
+    """Our SAEConfig fields for a cfg.json written by SAELens."""
+    arch = raw.get("architecture", "standard")
+    if arch not in FROM_SAELENS:
+        raise CheckpointError(f"{cfg_file}: SAELens architecture {arch!r} is not supported; load_sae reads "
+                              f"{', '.join(FROM_SAELENS)} (and checkpoints written by sae-fast)")
+    for key, ok in (("normalize_activations", ("none", None)), ("reshape_activations", ("none", None))):
+        if raw.get(key) not in ok:
+            raise CheckpointError(f"{cfg_file}: {key} = {raw.get(key)!r} is not supported (it changes the input "
+                                  f"before the encoder); only 'none' maps onto an sae-fast SAE")
+    try:
+        d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{cfg_file}: needs integer 'd_in' and 'd_sae' (a SAELens cfg.json)") from None
+    ours = FROM_SAELENS[arch]
+    # k only matters to topk here (jumprelu's inference rule is the threshold): SAELens' own default is 100
+    k = int(raw.get("k", 100)) if ours == "topk" else min(32, d_sae)
+    return {"arch": ours, "d_in": d_in, "n_features": d_sae, "k": k}
+
+
+def _from_saelens_tensors(raw: dict, tensors: dict, weights_file: Path) -> dict:
+    """SAELens' tensors rewritten so that our forward (encode x - b_dec, unit activations) computes theirs."""
+    tensors = dict(tensors)
+    if "scaling_factor" in tensors:  # SAELens drops an all-ones scaling factor the same way
+        if not bool((tensors.pop("scaling_factor") == 1).all()):
+            raise CheckpointError(f"{weights_file}: a 'scaling_factor' other than 1 (finetuned activation "
+                                  "scaling) is not supported")
+    if "log_threshold" in tensors:  # older SAELens jumprelu checkpoints
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    need = ("W_enc", "W_dec", "b_dec")
+    for name in need:
+        if name not in tensors:
+            raise CheckpointError(f"{weights_file}: missing tensor '{name}' (a SAELens checkpoint has "
+                                  f"{', '.join(need)})")
+    W_enc, W_dec, b_dec = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
+    if raw.get("rescale_acts_by_decoder_norm") and raw.get("architecture") == "topk":
+        norm = W_dec.norm(dim=1)  # z_f * |W_dec,f| selects and decodes with W_dec,f / |W_dec,f|
+        W_enc, W_dec = W_enc * norm, W_dec / norm[:, None]
+        tensors["b_enc"] = tensors["b_enc"] * norm
+    if raw.get("apply_b_dec_to_input") is False:
+        shift = b_dec @ W_enc  # W_enc (x - b_dec) + (b_enc + W_enc b_dec) = W_enc x + b_enc
+        bias = "b_gate" if raw.get("architecture") == "gated" else "b_enc"
+        tensors[bias] = tensors[bias] + shift
+        if "b_mag" in tensors:
+            tensors["b_mag"] = tensors["b_mag"] + tensors["r_mag"].exp() * shift
+    tensors.update(W_enc=W_enc, W_dec=W_dec)
+    return tensors

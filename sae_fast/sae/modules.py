@@ -268,20 +268,26 @@ class BatchTopKSAE(SparseAutoencoder):
     average).
 
     At inference (eval mode) a per-token rule replaces the batch rule: keep pre > theta, where theta is an EMA
-    (beta = threshold_beta, 0.999) of the smallest value kept per training batch. Under torch.distributed each
-    rank selects within its own batch and theta follows the mean over ranks of their smallest kept values."""
+    (beta = threshold_beta) of the smallest value kept per training batch. Under torch.distributed each
+    rank selects within its own batch and theta follows the mean over ranks of their smallest kept values.
+    theta may also be one value per feature (a JumpReLU SAE loaded from SAELens); values are relu(pre) kept
+    where pre > theta, as in SAELens' JumpReLU."""
 
     arch = "batchtopk"
 
     def __init__(self, d_in: int, n_features: int, k: int = 32, **options):
         super().__init__(SAEConfig(arch=self.arch, d_in=d_in, n_features=n_features, k=k, **options))
-        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not yet learned
+        self.register_buffer("threshold", torch.tensor(-1.0))  # a scalar < 0: not yet learned
+
+    def _threshold_learned(self) -> bool:
+        return self.threshold.dim() > 0 or bool(self.threshold >= 0)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
-        if self.training or self.threshold < 0:
+        if self.training or not self._threshold_learned():
             return ops.batch_topk_encode(x, self.W_enc, self._b_eff(), self.cfg.k, relu=True,
                                          backend=self.cfg.backend)
-        return ops.threshold_encode(x, self.W_enc, self._b_eff(), float(self.threshold),
+        theta = self.threshold.clamp_min(0)
+        return ops.threshold_encode(x, self.W_enc, self._b_eff(), theta if theta.dim() else float(theta),
                                     backend=self.cfg.backend)
 
     @torch.no_grad()
@@ -292,7 +298,7 @@ class BatchTopKSAE(SparseAutoencoder):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(smallest)
             smallest /= torch.distributed.get_world_size()
-        if self.threshold < 0:
+        if not self._threshold_learned():
             self.threshold.copy_(smallest)
         else:
             beta = self.cfg.threshold_beta
