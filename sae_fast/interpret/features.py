@@ -219,7 +219,8 @@ def gene_filter(adata, rule: str = "paper", layer: str | None = None) -> np.ndar
     if rule not in ("paper", "code"):
         raise UserError(f"gene filter {rule!r} unknown; choose 'paper', 'code' or 'none'")
     X = adata.layers[layer] if layer else adata.X
-    X = sp.csr_matrix(X, dtype=np.float64)
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True)  # never share index arrays with adata.X: sorting them
+    # (X != 0 sorts a non-canonical matrix in place) would scramble the caller's counts
     n = X.shape[0]
     nonzero_frac = np.asarray((X != 0).sum(0)).ravel() / n
     if rule == "code":
