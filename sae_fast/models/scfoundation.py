@@ -117,9 +117,9 @@ class ScFoundation(ScFM):
         if embedding not in EMBEDDING_RULES:
             raise UserError(f"embedding = {embedding!r}; choose {' or '.join(map(repr, EMBEDDING_RULES))}")
         self.genes = list(genes) if genes is not None else aido_cell_genes()
-        if len(self.genes) + N_DEPTH_TOKENS != cfg.seq_len:
-            raise CheckpointError(f"vocabulary mismatch: {len(self.genes)} genes + T + S but the checkpoint's "
-                                  f"seq_len is {cfg.seq_len} (pos_emb.weight has seq_len + 1 rows); pass genes=")
+        if len(self.genes) + N_DEPTH_TOKENS > cfg.seq_len:  # T and S sit at positions G and G + 1
+            raise CheckpointError(f"vocabulary mismatch: {len(self.genes)} genes + T + S do not fit the checkpoint's "
+                                  f"seq_len {cfg.seq_len} (pos_emb.weight has seq_len + 1 rows); pass genes=")
         if not 0 <= cfg.pad_token_id <= cfg.seq_len:
             raise CheckpointError(f"pad_token_id {cfg.pad_token_id} is outside pos_emb ({cfg.seq_len + 1} rows)")
         self.config = cfg
