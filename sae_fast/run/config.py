@@ -42,6 +42,9 @@ class DataSection:
     counts: str = option("X", "where the raw integer counts are: X, raw (adata.raw.X) or a key of "
                          "adata.layers")
     max_cells: int | None = option(None, "use only the first N cells (for quick trials)", bounds="[1, inf)")
+    holdout: float = option(0.1, "share of the cells held out of SAE training; the summary's FVU, L0 and dead "
+                            "% are measured on them (0: on the training cells)", bounds="[0, 1)")
+    holdout_seed: int = option(0, "seed of the random choice of held-out cells")
 
 
 @dataclass

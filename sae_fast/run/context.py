@@ -37,6 +37,8 @@ class Context:
     folder: Any  # sae_fast.run.folder.RunFolder
     model: Any  # the loaded ScFM (sae_fast.load_model), on its device
     adata: Any  # the cells (AnnData, raw counts in X, genes as in the file)
+    train_cells: Any = None  # int array: rows of adata the SAE trains on (all but the held-out cells)
+    heldout_cells: Any = None  # int array: rows of adata held out of training ([data] holdout), for evaluation
     results: dict = dataclasses.field(default_factory=dict)  # stage name -> what its run() returned
     title: str | None = None  # the summary's title line (the demo sets one)
     started: float = dataclasses.field(default_factory=time.perf_counter)  # this invocation's start

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from sae_fast import utils
 from sae_fast.errors import UserError
 from sae_fast.run.config import RunConfig, read_cells
@@ -27,6 +29,19 @@ def check_sae(sae, model, where: str) -> None:
     if d != model.d_model:
         raise UserError(f"{where}: the SAE reads d = {d} but {model.name} has d_model = {model.d_model}; "
                         "train an SAE on this model (remove run.sae) or load the matching model")
+
+
+def split_cells(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training cells, held-out cells), sorted row indices: a seeded random `holdout` share of the n cells
+    (rounded, at least one when holdout > 0) is held out; with holdout 0 both are all cells."""
+    if holdout == 0:
+        return np.arange(n), np.arange(n)
+    if n < 2:
+        raise UserError(f"data.holdout = {holdout}: {n} cell(s) cannot be split into training and held-out "
+                        "cells; use more cells or data.holdout = 0")
+    n_hold = min(n - 1, max(1, round(holdout * n)))
+    hold = np.sort(np.random.default_rng(seed).choice(n, n_hold, replace=False))
+    return np.setdiff1d(np.arange(n), hold), hold
 
 
 def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Context:
@@ -54,7 +69,9 @@ def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Con
         raise UserError(f"{data.path}: {e}") from None
     if utils.VERBOSITY >= 2:
         print(f"{data.path}: {alignment.summary()}")
-    ctx = Context(config=config, folder=RunFolder(out), model=model, adata=adata, title=title)
+    train_cells, heldout_cells = split_cells(adata.n_obs, data.holdout, data.holdout_seed)
+    ctx = Context(config=config, folder=RunFolder(out), model=model, adata=adata, title=title,
+                  train_cells=train_cells, heldout_cells=heldout_cells)
     if config.run.sae is not None:
         from sae_fast import load_sae
 

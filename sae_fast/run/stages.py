@@ -10,6 +10,8 @@ import dataclasses
 import importlib
 import json
 
+import numpy as np
+
 from sae_fast import utils
 from sae_fast.errors import UserError
 from sae_fast.run import summary
@@ -21,31 +23,57 @@ def n_features(train_cfg, d_model: int) -> int:
     return int(train_cfg.n_features or train_cfg.expansion * d_model)
 
 
-def token_source(ctx: Context, shuffle: bool):
-    """The SAE's training / evaluation tokens: the shards (mode shards) or the forward pass (mode fused), in
-    batches of `sae.batch_size` tokens ([Y]'s whole-cell batches of `model.batch_size` cells when fused)."""
+def cell_sets(ctx: Context) -> dict:
+    """{"train": rows, "heldout": rows} of ctx.adata: the cells the SAE trains on and those it is evaluated on
+    (the same cells when data.holdout = 0)."""
+    return {"train": ctx.train_cells, "heldout": ctx.heldout_cells}
+
+
+def token_source(ctx: Context, which: str, shuffle: bool):
+    """The tokens of the `which` ("train" or "heldout") cells: the shards (mode shards, shards/<which>) or the
+    forward pass (mode fused), in batches of `sae.batch_size` tokens ([Y]'s whole-cell batches of
+    `model.batch_size` cells when fused)."""
     config = ctx.config
     cfg = config.sae
     if config.extract.mode == "shards":
         from sae_fast import open_shards
 
-        return open_shards(ctx.folder.shards).loader(cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
+        return open_shards(ctx.folder.shards / which).loader(cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
     from sae_fast.activations.fused import fused_source
 
-    return fused_source(ctx.model, ctx.adata, config.extract.layer, cfg, tokens=config.extract.tokens,
-                        cells_per_batch=config.model.batch_size)
+    return fused_source(ctx.model, ctx.adata[cell_sets(ctx)[which]], config.extract.layer, cfg,
+                        tokens=config.extract.tokens, cells_per_batch=config.model.batch_size)
 
 
 # ------------------------------------------------------------------------------------------------- extract
 
 
-def extract(ctx: Context) -> None:
-    """Mode shards: the residual stream at [extract] layer into shards/ (resumes after the last full shard)."""
+def extract(ctx: Context) -> dict:
+    """Mode shards: the residual stream at [extract] layer of the training cells into shards/train and of the
+    held-out cells into shards/heldout (each resumes after its last full shard); tables/cells lists which cell
+    went where."""
     from sae_fast import extract as extract_shards
 
     cfg = ctx.config.extract
-    extract_shards(ctx.model, ctx.adata, cfg.layer, ctx.folder.shards, tokens=cfg.tokens, dtype=cfg.dtype,
-                   resume=True, batch_size=ctx.config.model.batch_size)
+    info = {}
+    for which, rows in cell_sets(ctx).items():
+        shards = extract_shards(ctx.model, ctx.adata[rows], cfg.layer, ctx.folder.shards / which,
+                                tokens=cfg.tokens, dtype=cfg.dtype, resume=True,
+                                batch_size=ctx.config.model.batch_size)
+        info[f"{which}_tokens"] = int(shards.n_tokens)
+    return info
+
+
+def write_cell_sets(ctx: Context) -> None:
+    """tables/cells: each cell's obs name and whether the SAE trained on it or it was held out."""
+    import pandas as pd
+
+    held = np.zeros(ctx.adata.n_obs, bool)
+    held[ctx.heldout_cells] = True
+    if ctx.config.data.holdout == 0:
+        held[:] = False
+    ctx.folder.write_table("cells", pd.DataFrame({"cell": ctx.adata.obs_names.astype(str),
+                                                  "set": np.where(held, "heldout", "train")}))
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -67,7 +95,7 @@ def train(ctx: Context) -> dict:
 
     sae_dir = ctx.folder.sae
     cfg = dataclasses.replace(ctx.config.sae, out_dir=sae_dir)
-    sae = train_sae(token_source(ctx, shuffle=True), config=cfg)
+    sae = train_sae(token_source(ctx, "train", shuffle=True), config=cfg)
     layer = ctx.config.extract.layer
     save_sae(sae, sae_dir, model_name=ctx.model.name, hook_name=f"blocks.{layer}.hook_resid_post",
              hook_layer=layer)
@@ -94,15 +122,18 @@ class _Progress:
 
 
 def evaluate(ctx: Context) -> dict:
-    """FVU, L0 and dead fraction of the SAE -> tables/sae_metrics.json."""
+    """FVU, L0 and dead fraction of the SAE on the held-out cells -> tables/sae_metrics.json."""
     from sae_fast.sae.train import evaluate as evaluate_sae
 
-    source = token_source(ctx, shuffle=False)
+    write_cell_sets(ctx)
+    source = token_source(ctx, "heldout", shuffle=False)
     total = getattr(source, "n_tokens", None)
     with utils.progress(total=total, desc="evaluate SAE", unit="tok", unit_scale=True) as bar:
         m = evaluate_sae(ctx.sae, _Progress(source, bar))
     metrics = {k: float(v) if not isinstance(v, int) else v for k, v in m._asdict().items()}
     metrics["n_features"] = int(ctx.sae.W_dec.shape[0])
+    metrics["n_cells"] = len(ctx.heldout_cells)
+    metrics["holdout"] = ctx.config.data.holdout
     ctx.folder.write_json("sae_metrics", metrics)
     return metrics
 
@@ -163,4 +194,5 @@ STAGES: list[Stage] = [
     Stage("interpret", interpret, check=check_interpret, summary=summary.interpret_block),
     # optional stages with their own config section go here, one line each: _plugin("steer"),
     Stage("summary", summary.write_summary),
+    _plugin("report"),  # last: the page holds summary.txt and every other stage's timing
 ]

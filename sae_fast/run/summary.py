@@ -14,11 +14,17 @@ BAR = "=" * 78
 def sae_block(ctx: Context) -> list[str]:
     """The evaluate stage's block: dictionary size, FVU, L0, dead %."""
     m = ctx.folder.read_json("sae_metrics")
-    return ["SAE",
+    if m["holdout"] == 0:
+        cells = f"on the {m['n_cells']} training cells (data.holdout = 0)"
+    elif ctx.config.run.sae is not None:
+        cells = f"on {m['n_cells']} cells ({100 * m['holdout']:.0f}%; run.sae may have been trained on them)"
+    else:
+        cells = f"on {m['n_cells']} held-out cells ({100 * m['holdout']:.0f}%, not trained on)"
+    return [f"SAE, measured {cells}",
             f"  features            {m['n_features']}",
             f"  FVU                 {m['fvu']:.4f}   (fraction of variance unexplained)",
             f"  L0                  {m['l0']:.2f}   (active features per token)",
-            f"  dead                {100 * m['dead_fraction']:.1f} %",
+            f"  dead                {100 * m['dead_fraction']:.1f} %   (never active on these cells)",
             f"  tokens evaluated    {int(m['n_tokens']):,}"]
 
 
