@@ -136,6 +136,9 @@ def test_vocabulary_keys_priorities():
     # the data's own symbols win over the table: CD4's row matches by its symbol column, not its Ensembl id
     assert keys == ["CD3E", "CD4", None, "LYZ", None, None]
     assert routes == {"var_names": 1, "var['gene_symbols']": 2}
+    keys, routes = vocabulary_keys(adata, SYMBOLS, gene_key="var_names")  # var_names alone, Ensembl mapped
+    assert keys == ["CD3E", "CD4", None, None, None, None]
+    assert routes == {"var_names": 1, "var_names Ensembl->symbol": 1}
     keys, routes = vocabulary_keys(adata, SYMBOLS, gene_key="gene_ids")  # one column, as asked
     assert keys == ["CD3E", None, None, None, None, None] and routes == {"var['gene_ids'] Ensembl->symbol": 1}
     with pytest.raises(UserError, match="no column 'symbols'"):

@@ -58,11 +58,13 @@ def vocabulary_keys(adata, vocab_genes: Sequence[str], *, gene_key: str | None =
     """For each of adata's genes (var order), the vocabulary gene it is (None if none), and the count of genes
     matched by each route ("var_names", "var['feature_name']", "var_names Ensembl->symbol", ...).
 
-    Sources: the var column `gene_key` alone if given; else var_names, then the known symbol and Ensembl var
-    columns, in that order. A gene takes the first source whose value is a vocabulary gene (after dropping an
-    Ensembl version suffix); failing all, the first that maps to one through the HGNC/Ensembl table (Ensembl ->
-    symbol for a symbol vocabulary, symbol -> Ensembl for an Ensembl one)."""
-    if gene_key is not None:
+    Sources: the var column `gene_key` alone if given (`gene_key="var_names"`: var_names alone); else var_names,
+    then the known symbol and Ensembl var columns, in that order. A gene takes the first source whose value is a
+    vocabulary gene (after dropping an Ensembl version suffix); failing all, the first that maps to one through
+    the HGNC/Ensembl table (Ensembl -> symbol for a symbol vocabulary, symbol -> Ensembl for an Ensembl one)."""
+    if gene_key == "var_names":  # var_names alone (e.g. to reproduce a symbol-only pipeline exactly)
+        sources = [("var_names", [str(g) for g in adata.var_names])]
+    elif gene_key is not None:
         if gene_key not in adata.var:
             raise UserError(f"adata.var has no column {gene_key!r}; columns: {', '.join(map(str, adata.var))}")
         sources = [(f"var[{gene_key!r}]", adata.var[gene_key].astype(str).tolist())]
@@ -108,7 +110,8 @@ def match_genes(adata, vocab_genes: Sequence[str], *, gene_key: str | None, laye
     if layer is not None and layer not in adata.layers:
         raise UserError(f"adata.layers has no {layer!r}; layers: {', '.join(adata.layers) or 'none'}")
     keys, routes = vocabulary_keys(adata, vocab_genes, gene_key=gene_key)
-    names = adata.var[gene_key].astype(str).tolist() if gene_key is not None else adata.var_names.tolist()
+    names = adata.var[gene_key].astype(str).tolist() if gene_key not in (None, "var_names") \
+        else adata.var_names.tolist()
     P, matched, alignment = gene_projection(keys, vocab_genes, names=names)
     alignment.routes = routes
     if len(matched) == 0:
