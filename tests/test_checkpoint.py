@@ -27,6 +27,7 @@ def _trained_like(arch):
             p.add_(torch.randn_like(p))
         if hasattr(sae, "threshold"):
             sae.threshold.fill_(0.37)
+            sae.threshold_weight.fill_(0.5)  # a learned theta (round-tripped through cfg.json)
     return sae
 
 

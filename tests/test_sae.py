@@ -81,13 +81,17 @@ def test_batchtopk_keeps_k_per_token_on_average_and_learns_threshold():
     kth = pre.detach().flatten().topk(150).values.min()
     code = sae.encode(x)
     torch.testing.assert_close(code.to_dense(40), pre * (pre >= kth))
-    assert float(sae.threshold) < 0
+    assert float(sae.threshold_weight) == 0  # not learned: eval would still use the batch rule
     sae.loss(x)
     assert float(sae.threshold) == pytest.approx(float(kth))
     sae.loss(x * 1.5)
     pre2 = torch.relu((1.5 * x - sae.b_pre) @ sae.W_enc.T + sae.b_enc).detach()
     kth2 = pre2.flatten().topk(150).values.min()
-    assert float(sae.threshold) == pytest.approx(0.999 * float(kth) + 0.001 * float(kth2))
+    # the bias-corrected average: weights beta and 1 for the two batches, whatever beta (the first batch's value
+    # is not privileged)
+    beta = sae.cfg.threshold_beta
+    assert float(sae.threshold) == pytest.approx((beta * float(kth) + float(kth2)) / (beta + 1))
+    assert float(sae.threshold_weight) == pytest.approx(1 - beta**2)
     sae.eval()
     code = sae.encode(x)
     torch.testing.assert_close(code.to_dense(40), pre * (pre > sae.threshold))
@@ -162,7 +166,8 @@ def test_bad_sizes_raise_user_errors():
 
 # --- planted dictionary -------------------------------------------------------------------------------------
 
-D_IN, N_ATOMS = 32, 64
+D_IN, N_ATOMS, N_TOKENS, K_TRUE = 32, 64, 30_000, 4
+L1 = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -170,16 +175,10 @@ def planted():
     """x = sum of 4 atoms of a random unit-norm dictionary with positive weights, plus an offset and noise."""
     g = torch.Generator().manual_seed(0)
     atoms = nnf.normalize(torch.randn(N_ATOMS, D_IN, generator=g), dim=1)
-    n = 30_000
-    idx = torch.rand(n, N_ATOMS, generator=g).argsort(1)[:, :4]
-    coef = torch.zeros(n, N_ATOMS).scatter_(1, idx, 0.5 + 2 * torch.rand(n, 4, generator=g))
-    x = coef @ atoms + 0.02 * torch.randn(n, D_IN, generator=g) + 0.3
+    idx = torch.rand(N_TOKENS, N_ATOMS, generator=g).argsort(1)[:, :K_TRUE]
+    coef = torch.zeros(N_TOKENS, N_ATOMS).scatter_(1, idx, 0.5 + 2 * torch.rand(N_TOKENS, K_TRUE, generator=g))
+    x = coef @ atoms + 0.02 * torch.randn(N_TOKENS, D_IN, generator=g) + 0.3
     return atoms, x
-
-
-# FVU bounds: observed values (0.092, 0.114, 0.062, 0.057, 0.133) plus margin; 64 atoms in 32 dims are not
-# orthogonal, so a linear encoder cannot reach the noise floor.
-FVU_BOUND = {"topk": 0.12, "batchtopk": 0.15, "relu": 0.09, "gated": 0.08, "matryoshka": 0.17}
 
 
 @pytest.fixture
@@ -191,17 +190,58 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _objective(sae, x) -> float:
+    """The training objective on all of x in float64 (train mode: BatchTopK's batch rule), without AuxK (no
+    latent counts as dead here)."""
+    sae = sae.double().train()
+    sae.tokens_since_fired.zero_()
+    with torch.no_grad():
+        return float(sae.loss(x.double()).loss)
+
+
+def _planted_truth_objective(arch, atoms, x) -> float:
+    """The objective of the generating dictionary itself as an SAE of this architecture (W_enc = W_dec = atoms,
+    b_pre = the offset), for ReLU/Gated with the float64-best common encoder bias on a grid: a feasible point
+    of the training problem, so training must end at least as low."""
+    kw = {"l1_coeff": L1} if arch in ("relu", "gated") else {"k": K_TRUE}
+    best = float("inf")
+    for bias in ([0.0] if "k" in kw else [-0.1 * i for i in range(16)]):
+        truth = sae_fast.sae.modules.ARCH_CLASSES[arch](D_IN, N_ATOMS, **kw)
+        with torch.no_grad():
+            truth.W_dec.copy_(atoms)
+            truth.W_enc.copy_(atoms)
+            truth.b_enc.fill_(bias)
+            truth.b_pre.fill_(0.3)
+        best = min(best, _objective(truth, x))
+    return best
+
+
+def _least_squares_fvu(sae, x) -> float:
+    """FVU of the float64 least-squares decoder (and bias) for the SAE's own codes: the optimum its decoder
+    approaches for a pure-MSE objective."""
+    with torch.no_grad():
+        z = sae.encode(x).to_dense(sae.cfg.n_features).double()
+    Z = torch.cat([z, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    x64 = x.double()
+    fit = Z @ torch.linalg.lstsq(Z, x64).solution
+    return float((fit - x64).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_planted_dictionary(arch, planted, one_thread):
+    """Default settings (no per-test threshold tuning). Bounds with a reason: the training objective ends below
+    the planted truth's (a feasible point); TopK/BatchTopK decode within 5% of the float64 least-squares
+    optimum for their own codes, recover every atom (mean best cosine >= 0.95) and keep k features per token
+    at inference (BatchTopK's learned threshold: at c3e3240 it stayed near its random-init value and kept ~2)."""
     atoms, x = planted
     sae_fast.utils.VERBOSITY = 0
-    # threshold_beta 0.9: theta must settle within this short run's ~120 steps (0.999 needs thousands)
-    sae = train_sae(list(x.split(1000)), arch=arch, n_features=128, k=4, epochs=5, batch_size=512, lr=3e-3,
-                    l1_coeff=0.05, threshold_beta=0.9, seed=0)
+    sae = train_sae(list(x.split(1000)), arch=arch, n_features=2 * N_ATOMS, k=K_TRUE, epochs=5, batch_size=512,
+                    lr=3e-3, l1_coeff=L1, seed=0)
     result = evaluate(sae, x)
     assert result.n_tokens == len(x)
-    assert result.fvu < FVU_BOUND[arch], result
     if arch in ("topk", "batchtopk"):
+        assert result.fvu <= 1.05 * _least_squares_fvu(sae, x), result
         best_cos = (nnf.normalize(sae.W_dec.detach(), dim=1) @ atoms.T).max(0).values
-        assert best_cos.mean() >= 0.9, float(best_cos.mean())
-        assert result.l0 == pytest.approx(4, rel=0.25)
+        assert best_cos.mean() >= 0.95, float(best_cos.mean())
+        assert result.l0 == pytest.approx(K_TRUE, rel=0.1), result
+    assert _objective(sae, x) <= _planted_truth_objective(arch, atoms, x)

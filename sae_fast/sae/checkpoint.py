@@ -84,6 +84,8 @@ def save_sae(sae, path, *, model_name: str | None = None, hook_name: str | None 
         "metadata": meta,
         "sae_fast": {**dataclasses.asdict(cfg), "saelens_exact": not (cfg.arch == "topk" and not cfg.relu)},
     }
+    if hasattr(sae, "threshold_weight"):  # how much training theta has seen (0: none; SAELens has no such field)
+        cfg_json["sae_fast"]["threshold_weight"] = float(sae.threshold_weight)
     with atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_json(path / CFG, cfg_json)
@@ -112,9 +114,11 @@ def load_sae(path, device: str | torch.device = "cpu"):
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_file}: not a readable safetensors file ({e})") from None
+    threshold_weight = 1.0  # a threshold in a SAELens file is a learned one
     if "sae_fast" in raw:
         known = {f.name for f in dataclasses.fields(SAEConfig)}
         settings = {k: v for k, v in raw["sae_fast"].items() if k in known}
+        threshold_weight = raw["sae_fast"].get("threshold_weight", threshold_weight)
     else:
         settings = _saelens_settings(raw, cfg_file)
         tensors = _from_saelens_tensors(raw, tensors, weights_file)
@@ -138,6 +142,8 @@ def load_sae(path, device: str | torch.device = "cpu"):
             elif name == "threshold" and bool((t == t[0]).all()):
                 t = t[0]  # one learned theta (ours); SAELens' jumprelu keeps one per feature
             getattr(sae, attr).data = t.clone().contiguous()
+        if hasattr(sae, "threshold_weight"):
+            sae.threshold_weight.fill_(threshold_weight)
     return sae.to(device).eval()
 
 

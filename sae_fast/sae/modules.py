@@ -57,8 +57,9 @@ class SAEConfig:
         "None = F/16, F/8, F/4, F/2, F")
     aux_k: int | None = option(None, "AuxK: how many dead latents reconstruct the residual; None = d_in / 2")
     aux_coeff: float = option(1 / 32, "AuxK loss weight (Gao et al. 2024: 1/32); 0 disables it")
-    threshold_beta: float = option(0.999, "batchtopk/matryoshka: EMA factor of the inference threshold theta "
-                                   "(needs ~1/(1-beta) steps to forget its start; lower it for short runs)")
+    threshold_beta: float = option(0.99, "batchtopk/matryoshka: decay of the inference threshold theta, a "
+                                   "bias-corrected moving average of each batch's smallest kept value (weights "
+                                   "beta^age: about the last 1/(1-beta) steps) (Bussmann et al., SAELens: 0.99)")
     dead_tokens: int = option(10_000_000, "a latent is dead after this many training tokens without firing")
     backend: str = option("auto", "sparse kernel backend for sae_fast.ops (auto: triton on CUDA, cpp on CPU)",
                           choices=ops.BACKENDS)
@@ -73,6 +74,8 @@ class SAEConfig:
             raise UserError(f"SAE arch = {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if F < 1:
             raise UserError(f"SAE n_features = {F}: must be positive (or set expansion >= 1)")
+        if not 0 <= self.threshold_beta < 1:
+            raise UserError(f"SAE threshold_beta = {self.threshold_beta}: must be in [0, 1)")
         if self.arch in ("topk", "batchtopk", "matryoshka") and not 1 <= self.k <= F:
             raise UserError(f"SAE k = {self.k}: must be between 1 and n_features = {F}")
         prefixes = None
@@ -267,20 +270,28 @@ class BatchTopKSAE(SparseAutoencoder):
     """Bussmann et al. 2024: keep the k*B largest of relu(pre) over a batch of B tokens (k per token on
     average).
 
-    At inference (eval mode) a per-token rule replaces the batch rule: keep pre > theta, where theta is an EMA
-    (beta = threshold_beta) of the smallest value kept per training batch. Under torch.distributed each
-    rank selects within its own batch and theta follows the mean over ranks of their smallest kept values.
-    theta may also be one value per feature (a JumpReLU SAE loaded from SAELens); values are relu(pre) kept
-    where pre > theta, as in SAELens' JumpReLU."""
+    At inference (eval mode) a per-token rule replaces the batch rule: keep pre > theta, where theta is the
+    bias-corrected moving average (Adam's correction; decay beta = threshold_beta) of the smallest value kept per
+    training batch: sum_t beta^(T-t) m_t / sum_t beta^(T-t). Without the correction (theta started at the first
+    batch's m_1 and moved by (1 - beta) per step) the untrained first batch kept a weight beta^(T-1): at
+    beta = 0.999 a run of a few hundred steps ended with theta near its random-init value, and eval kept half
+    the features training did. Under torch.distributed each rank selects within its own batch and theta follows
+    the mean over ranks of their smallest kept values. theta may also be one value per feature (a JumpReLU SAE
+    loaded from SAELens); values are relu(pre) kept where pre > theta, as in SAELens' JumpReLU."""
 
     arch = "batchtopk"
 
     def __init__(self, d_in: int, n_features: int, k: int = 32, **options):
         super().__init__(SAEConfig(arch=self.arch, d_in=d_in, n_features=n_features, k=k, **options))
-        self.register_buffer("threshold", torch.tensor(-1.0))  # a scalar < 0: not yet learned
+        self._init_threshold()
+
+    def _init_threshold(self) -> None:
+        self.register_buffer("threshold", torch.tensor(0.0))
+        # sum_t (1 - beta) beta^(T-t): the weight theta's average has accumulated (0: not yet learned)
+        self.register_buffer("threshold_weight", torch.tensor(0.0))
 
     def _threshold_learned(self) -> bool:
-        return self.threshold.dim() > 0 or bool(self.threshold >= 0)
+        return bool(self.threshold_weight > 0)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         if self.training or not self._threshold_learned():
@@ -292,17 +303,18 @@ class BatchTopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def update_threshold(self, code: SparseCode) -> None:
-        """theta <- beta * theta + (1 - beta) * (smallest positive kept value); the first batch sets theta."""
+        """Fold this batch's smallest positive kept value m into theta: with w the accumulated weight,
+        theta <- (beta w theta + (1 - beta) m) / (beta w + 1 - beta), w <- beta w + 1 - beta (the first batch
+        sets theta = m)."""
         pos = code.values[code.values > 0]
         smallest = pos.min() if pos.numel() else self.threshold.new_zeros(())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(smallest)
             smallest /= torch.distributed.get_world_size()
-        if not self._threshold_learned():
-            self.threshold.copy_(smallest)
-        else:
-            beta = self.cfg.threshold_beta
-            self.threshold.mul_(beta).add_((1 - beta) * smallest)
+        beta = self.cfg.threshold_beta
+        old = beta * self.threshold_weight
+        self.threshold_weight.copy_(old + (1 - beta))
+        self.threshold.copy_((old * self.threshold + (1 - beta) * smallest) / self.threshold_weight)
 
     def loss(self, x: torch.Tensor) -> SAELoss:
         out = super().loss(x)
@@ -324,7 +336,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def __init__(self, d_in: int, n_features: int, k: int = 32, **options):
         SparseAutoencoder.__init__(self, SAEConfig(arch=self.arch, d_in=d_in, n_features=n_features, k=k,
                                                    **options))
-        self.register_buffer("threshold", torch.tensor(-1.0))
+        self._init_threshold()
 
     def loss(self, x: torch.Tensor) -> SAELoss:
         code = self.encode(x)
