@@ -209,8 +209,12 @@ def demo_dir(request):
 
 
 def test_demo_report_in_chromium(demo_dir, browser, tmp_path):
-    page = tmp_path / "report.html"
-    assert main(["report", str(demo_dir), "--out", str(page), "-q"]) == 0
+    page = demo_dir / "report.html"  # the run's last stage wrote it
+    if os.environ.get("SAE_FAST_REPORT_RUN"):
+        page = tmp_path / "report.html"
+        assert main(["report", str(demo_dir), "--out", str(page), "-q"]) == 0
+    state = json.loads((demo_dir / "state.json").read_text())
+    assert "report" in state["done"] and state["done"]["report"]["bytes"] == page.stat().st_size
     size = page.stat().st_size
     assert size <= 5e6, f"{size / 1e6:.1f} MB"
     text = page.read_text()
@@ -260,10 +264,12 @@ def test_demo_report_in_chromium(demo_dir, browser, tmp_path):
         out.write_bytes(shot)
 
 
-def test_demo_report_numbers_match_the_tables(demo_dir):
-    """The browser's best AMI per feature (recomputed from annotated.h5ad) equals the interpret stage's
-    cell_association table, and Fig. 1b's Mann-Whitney line is the summary's."""
-    text = render_report(demo_dir)
+def test_demo_report_numbers_match_the_tables(demo_dir, tmp_path):
+    """`sae-fast report --out`: the browser's best AMI per feature (recomputed from annotated.h5ad) equals the
+    interpret stage's cell_association table, and Fig. 1b's Mann-Whitney line is the summary's."""
+    out = tmp_path / "elsewhere" / "page.html"
+    assert main(["report", str(demo_dir), "--out", str(out), "-q"]) == 0
+    text = out.read_text()
     data = json.loads(re.search(r'<script type="application/json" id="feature-data">(.*?)</script>', text,
                                 re.S).group(1).replace("<\\/", "</"))
     assoc = pd.read_parquet(demo_dir / "tables" / "cell_association.parquet")
@@ -275,6 +281,26 @@ def test_demo_report_numbers_match_the_tables(demo_dir):
                 assert best[r.key][1] == pytest.approx(r.ami, abs=1e-3)
     summary = json.loads((demo_dir / "summary.json").read_text())
     assert f"p = {summary['mannwhitney_max_ic_p']:.2g}" in text
+
+
+def test_violin_histograms_match_numpy():
+    from sae_fast.report.page import N_BINS, violin_data
+
+    rng = np.random.default_rng(1)
+    X = rng.gamma(1.0, 1.0, (200, 7)) * (rng.random((200, 7)) < 0.6)
+    X[:, 3] = 0  # a feature that never fires
+    labels = rng.choice(["T", "B", "NK"], 200)
+    classes, counts, per_feature = violin_data(X.astype(np.float32), labels)
+    assert classes == ["B", "NK", "T"] and counts == [int((labels == c).sum()) for c in classes]
+    assert per_feature[3] is None
+    for f in (0, 1, 6):
+        for j, c in enumerate(classes):
+            v = X[labels == c, f]
+            on = v[v > 0]
+            h, _ = np.histogram(on, bins=N_BINS, range=(0, X[:, f].max()))
+            frac, got = per_feature[f][j]
+            assert frac == pytest.approx(on.size / v.size, abs=1e-3)
+            assert got == np.round(99 * h / h.max()).astype(int).tolist()
 
 
 # --------------------------------------------------------------------------- steering sections, partial runs

@@ -132,7 +132,7 @@ def max_ic_boxes(ic: dict[str, np.ndarray], test: str = ""):
 
 
 def overlap_components(components: list[tuple[list[int], list[tuple[int, int]], str]],
-                       terms: dict[int, str] | None = None, max_panels: int = 8, max_nodes: int = 600):
+                       terms: dict[int, str] | None = None, max_panels: int = 8, max_nodes: int = 300):
     """The overlap graph's largest components: (features, edges, shared-term caption) per component, drawn as
     small networks (spring layout, networkx). A component of more than 40 features gets a 2 x 2 panel with its
     nodes coloured by their best GO term (`terms`: feature -> term name; the 6 commonest named); one of more than

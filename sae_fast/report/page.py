@@ -305,6 +305,10 @@ def interpretation_section(run: RunDir, feats: pd.DataFrame | None, enr: pd.Data
         figs_html.append(img(figs.data_uri(figs.max_ic_boxes(ic, test)), "Fig. 1b"))
     if figs_html:
         parts.append('<div class="figrow">' + "".join(figs_html) + "</div>")
+    if summary and _finite(summary.get("mannwhitney_max_ic_p")):
+        parts.append(f'<p class="caption">Fig. 1b: two-sided Mann-Whitney U test of max IC, SAE features vs raw '
+                     f"neurons (features with a significant term): U = {summary['mannwhitney_max_ic_u']:.0f}, "
+                     f"p = {summary['mannwhitney_max_ic_p']:.2g}.</p>")
     head = ""
     if summary:
         head = (f"{fmt(summary.get('n_features'))} SAE features over {fmt(summary.get('n_cells'))} cells "
@@ -367,27 +371,27 @@ def association_scores(cell_max: np.ndarray, obs: pd.DataFrame, keys: list[str],
 
 def violin_data(cell_max: np.ndarray, labels: np.ndarray) -> tuple[list[str], list, list]:
     """Per feature and label value: the share of cells where it fires, and a histogram (N_BINS bins over
-    [0, the feature's max]) of its per-cell max activation over those cells, scaled to 0..99."""
-    classes = sorted(pd.unique(labels.astype(str)))
+    [0, the feature's max]) of its per-cell max activation over those cells, scaled to 0..99; None for a feature
+    that never fires."""
     lab = labels.astype(str)
+    classes = sorted(pd.unique(lab))
+    n, F = cell_max.shape
     fmax = cell_max.max(0)
-    edges = np.linspace(0, 1, N_BINS + 1)[1:-1]
-    per_feature = []
-    for f in range(cell_max.shape[1]):
-        if fmax[f] <= 0:
-            per_feature.append(None)
-            continue
-        x = cell_max[:, f] / fmax[f]
-        rows = []
-        for c in classes:
-            v = x[lab == c]
-            on = v[v > 0]
-            h = np.bincount(np.searchsorted(edges, on, side="right"), minlength=N_BINS).astype(float)
-            h = np.round(99 * h / h.max()).astype(int).tolist() if h.max() > 0 else [0] * N_BINS
-            rows.append([round(float(on.size / max(v.size, 1)), 3), h])
-        per_feature.append(rows)
-    counts = [int((lab == c).sum()) for c in classes]
-    return classes, counts, per_feature
+    x = cell_max / np.where(fmax > 0, fmax, 1.0)
+    bins = np.minimum((x * N_BINS).astype(np.int64), N_BINS - 1)  # [n, F]
+    flat = np.arange(F)[None, :] * N_BINS + bins
+    hists, fracs = [], []
+    for c in classes:
+        rows = lab == c
+        on = x[rows] > 0
+        h = np.bincount(flat[rows][on], minlength=F * N_BINS).reshape(F, N_BINS).astype(float)
+        peak = h.max(1, keepdims=True)
+        hists.append(np.round(99 * h / np.where(peak > 0, peak, 1.0)).astype(int))
+        fracs.append(on.sum(0) / max(int(rows.sum()), 1))
+    per_feature = [None if fmax[f] <= 0 else
+                   [[round(float(fracs[j][f]), 3), hists[j][f].tolist()] for j in range(len(classes))]
+                   for f in range(F)]
+    return classes, [int((lab == c).sum()) for c in classes], per_feature
 
 
 def browser_section(feats: pd.DataFrame | None, enr: pd.DataFrame | None, top_acts: pd.DataFrame | None,
@@ -744,6 +748,7 @@ img.fig{max-width:100%;height:auto;display:block;margin:6px 0}
 img.umap{max-width:100%;height:auto}
 .figrow{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}.figrow img{max-width:100%}
 figure{margin:0}figcaption{color:var(--mute);font-size:12px;text-align:center}
+.caption{font-size:13px;margin:4px 0 0}
 .cols{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:24px}
 @media(max-width:900px){.cols,.browser{grid-template-columns:1fr!important}}
 table{border-collapse:collapse;font-size:13px}

@@ -194,4 +194,5 @@ STAGES: list[Stage] = [
     Stage("interpret", interpret, check=check_interpret, summary=summary.interpret_block),
     # optional stages with their own config section go here, one line each: _plugin("steer"),
     Stage("summary", summary.write_summary),
+    _plugin("report"),  # last: the page holds summary.txt and every other stage's timing
 ]
