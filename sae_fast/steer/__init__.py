@@ -8,14 +8,25 @@
 
 Lower-level pieces: `run_pass` / `SteerPass` (several edits sharing one prefix and one unsteered suffix per
 batch), `prefixes` (block-L outputs of a prepared stream), `encode` (an SAE code by the SAE's own kernels),
-every intervention's `.hook(sae, model)` for `model.forward(..., hook=)`.
+every intervention's `.hook(sae, model)` for `model.forward(..., hook=)`. Names are imported lazily, so that
+`import sae_fast.steer.<module>` (e.g. a run stage's config section) stays light.
 """
 
-from sae_fast.steer.contrast import ContrastConfig, ContrastResult, contrast
-from sae_fast.steer.deg import SweepResult, alpha_sweep, deg, deg_table, paired_t, top_degs
-from sae_fast.steer.interventions import Ablate, Add, Clamp, Intervention, Scale, encode, from_recipe, scale_delta
-from sae_fast.steer.runner import GeneStats, SteerPass, prefixes, run_pass, steer
+from importlib import import_module
 
-__all__ = ["Ablate", "Add", "Clamp", "ContrastConfig", "ContrastResult", "GeneStats", "Intervention", "Scale",
-           "SteerPass", "SweepResult", "alpha_sweep", "contrast", "deg", "deg_table", "encode", "from_recipe",
-           "paired_t", "prefixes", "run_pass", "scale_delta", "steer", "top_degs"]
+_ATTRS = {
+    **dict.fromkeys(["Ablate", "Add", "Clamp", "Intervention", "Scale", "encode", "from_recipe", "scale_delta"],
+                    "sae_fast.steer.interventions"),
+    **dict.fromkeys(["GeneStats", "SteerPass", "prefixes", "run_pass", "steer"], "sae_fast.steer.runner"),
+    **dict.fromkeys(["SweepResult", "alpha_sweep", "deg", "deg_table", "paired_t", "top_degs"],
+                    "sae_fast.steer.deg"),
+    **dict.fromkeys(["ContrastConfig", "ContrastResult", "contrast"], "sae_fast.steer.contrast"),
+}
+
+__all__ = sorted(_ATTRS)
+
+
+def __getattr__(name):
+    if name in _ATTRS:
+        return getattr(import_module(_ATTRS[name]), name)
+    raise AttributeError(f"module 'sae_fast.steer' has no attribute {name!r}")
