@@ -45,7 +45,7 @@ def add_arguments(parser):
     parser.add_argument("--shard-tokens", type=int, default=1 << 18,
                         help="minimum tokens per shard file; a kill loses at most one shard (default: 2^18)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample:N token draw (default: 0)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    add_device_arguments(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted extraction in DIR after its last complete shard")
 
@@ -55,12 +55,25 @@ def add_counts_argument(parser):
                         help="where the raw counts are: X, raw (adata.raw.X) or an adata.layers key (default: X)")
 
 
-def parse_model(spec: str):
-    """'NAME[:PATH]' -> the loaded model."""
-    from sae_fast import load_model
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_device_arguments(parser, device: bool = True) -> None:
+    """--device and --model-dtype, shared by extract, interpret and train (whose --device is TrainConfig's)."""
+    if device:
+        parser.add_argument("--device", default="auto", help="torch device for the model (and the SAE): auto "
+                            "(cuda if available, else cpu), cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--model-dtype", default="auto", choices=DTYPES,
+                        help="the model's weights and compute dtype: auto = bfloat16 on CUDA, float32 on the CPU "
+                        "(default: auto)")
+
+
+def parse_model(spec: str, device: str = "auto", dtype: str = "auto"):
+    """'NAME[:PATH]' -> the model on `device` in `dtype` (sae_fast.run.config.load_model_on)."""
+    from sae_fast.run.config import load_model_on
 
     name, _, path = spec.partition(":")
-    return load_model(name, path=path or None)
+    return load_model_on(name, path or None, device, dtype)
 
 
 def read_gene_list(path: str) -> list[str]:
@@ -76,15 +89,11 @@ def read_gene_list(path: str) -> list[str]:
 
 
 def run(args):
-    import torch
-
     from sae_fast.activations import extract
     from sae_fast.activations.distributed import process_group
     from sae_fast.run.config import read_cells
 
-    model = parse_model(args.model)
-    if args.device is not None:
-        model = model.to(torch.device(args.device))
+    model = parse_model(args.model, args.device, args.model_dtype)
     model.check_layer(args.layer)
     adata = read_cells(args.data, args.counts, where="--counts")
     genes = read_gene_list(args.gene_filter) if args.gene_filter else None

@@ -24,7 +24,7 @@ Examples:
 
 
 def add_arguments(parser):
-    from sae_fast.commands.extract import add_counts_argument
+    from sae_fast.commands.extract import add_counts_argument, add_device_arguments
     from sae_fast.config import add_arguments as add_config
     from sae_fast.interpret.pipeline import InterpretConfig
 
@@ -45,13 +45,11 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory for tables and AnnData")
     parser.add_argument("--features", type=int, nargs="+", metavar="I",
                         help="features to show in the summary (default: the three most significant)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model and SAE (default: cpu)")
+    add_device_arguments(parser)
     add_config(parser, InterpretConfig)
 
 
 def run(args):
-    import torch
-
     from sae_fast.commands.extract import parse_model
     from sae_fast.config import from_args
     from sae_fast.errors import UserError
@@ -66,13 +64,14 @@ def run(args):
     from sae_fast.sae.checkpoint import load_sae
 
     cfg = from_args(InterpretConfig, args)
-    sae = load_sae(args.sae, device=args.device)
+    sae = load_sae(args.sae)
     n_features = int(sae.W_dec.shape[0])
     bad = [f for f in args.features or [] if not 0 <= f < n_features]
     if bad:
         raise UserError(f"--features {bad[0]} is out of range: the SAE in {args.sae} has features "
                         f"0..{n_features - 1}")
-    model = parse_model(args.model).to(torch.device(args.device))
+    model = parse_model(args.model, args.device, args.model_dtype)
+    sae = sae.to(next(model.parameters()).device)
     adata = read_cells(args.data, args.counts, where="--counts")
     tokens, layer = None, args.layer
     if args.shards:

@@ -32,7 +32,7 @@ def _train_config():
 
 
 def add_arguments(parser):
-    from sae_fast.commands.extract import add_counts_argument
+    from sae_fast.commands.extract import add_counts_argument, add_device_arguments
     from sae_fast.config import add_arguments as add_config
 
     src = parser.add_argument_group("source (one of --shards or --model/--data/--layer)")
@@ -42,6 +42,7 @@ def add_arguments(parser):
     src.add_argument("--data", metavar="FILE.h5ad", help="cells as raw counts for --model (.h5ad or a "
                      "bundled name such as pbmc_demo)")
     add_counts_argument(src)
+    add_device_arguments(src, device=False)
     src.add_argument("--layer", type=int, help="block L whose output the SAE reads (with --model)")
     src.add_argument("--tokens", default="all", help="with --model: all / expressed ([Y]'s whole-cell "
                      "batches) or sample:N ([P]'s per-cell sampling through a mixing buffer) (default: all)")
@@ -83,7 +84,7 @@ def run(args):
             from sae_fast.commands.extract import parse_model
             from sae_fast.run.config import read_cells
 
-            model = parse_model(args.model)
+            model = parse_model(args.model, cfg.device, args.model_dtype)  # the model where the SAE trains
             model.check_layer(args.layer)
             _check_d(cfg, model.d_model, f"model {model.name}")
             source = fused_source(model, read_cells(args.data, args.counts, where="--counts"), args.layer, per_rank,

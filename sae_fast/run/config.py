@@ -30,6 +30,10 @@ class ModelSection:
                               "best_model.pt + args.json + vocab.json for scGPT); None: mini is embedded, "
                               "AIDO.Cell and Geneformer come from the Hugging Face Hub, scGPT needs one")
     batch_size: int = option(8, "cells per forward pass ([Y]: 8)", bounds="[1, inf)")
+    device: str = option("auto", "torch device for the model: auto (cuda if available, else cpu), cpu, cuda, "
+                         "cuda:1; the SAE trains on sae.device")
+    dtype: str = option("auto", "the model's dtype: auto = bfloat16 on CUDA, float32 on the CPU",
+                        choices=["auto", "float32", "bfloat16", "float16"])
 
 
 @dataclass
@@ -180,6 +184,21 @@ def to_toml(config: RunConfig) -> str:
             lines.append(f"# {k} = (none)" if v is None else f"{k} = {value(v)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def load_model_on(name: str, path: str | None, device: str = "auto", dtype: str = "auto"):
+    """sae_fast.load_model, loaded straight onto `device` in `dtype`; "auto" is the one dtype policy of the
+    models (sae_fast.models.aido_cell.default_device_dtype): cuda if available, bfloat16 on CUDA, float32 on the
+    CPU. So `device = "cpu"` gives float32 on a GPU machine too, unless dtype asks otherwise."""
+    import torch
+
+    from sae_fast import load_model
+
+    try:
+        device = None if device == "auto" else torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"device {device!r}: {e}") from None
+    return load_model(name, path=path, device=device, dtype=None if dtype == "auto" else getattr(torch, dtype))
 
 
 def read_cells(path: str, counts: str = "X", max_cells: int | None = None, *, where: str = "data.counts"):

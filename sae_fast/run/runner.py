@@ -11,7 +11,7 @@ import numpy as np
 
 from sae_fast import utils
 from sae_fast.errors import UserError
-from sae_fast.run.config import RunConfig, read_cells
+from sae_fast.run.config import RunConfig, load_model_on, read_cells
 from sae_fast.run.context import Context
 from sae_fast.run.folder import RunFolder
 
@@ -48,7 +48,6 @@ def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Con
     """Load the model, the cells and [run] sae, and run every active stage's up-front check: everything that
     can be wrong with the input (files, counts, vocabulary, layer, SAE size, feature indices) fails here,
     before the run folder is touched."""
-    from sae_fast import load_model
     from sae_fast.activations.extract import parse_tokens
     from sae_fast.run.stages import STAGES
 
@@ -56,7 +55,7 @@ def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Con
         parse_tokens(config.extract.tokens)
     except UserError as e:
         raise UserError(f"extract.{e}") from None
-    model = load_model(config.model.name, path=config.model.path)
+    model = load_model_on(config.model.name, config.model.path, config.model.device, config.model.dtype)
     try:
         model.check_layer(config.extract.layer)
     except UserError as e:
