@@ -46,7 +46,8 @@ def probe_stages(monkeypatch):
     """STAGES = [before, probe (plug-in), summary]: no extraction or training, so the run takes seconds."""
     before = Stage("before", lambda ctx: {"cells": ctx.adata.n_obs})
     probe = Stage("probe", _run, section=ProbeSection, check=_check, summary=_summary)
-    monkeypatch.setattr(stages, "STAGES", [before, probe, stages.STAGES[-1]])
+    summary = next(s for s in stages.STAGES if s.name == "summary")
+    monkeypatch.setattr(stages, "STAGES", [before, probe, summary])
     run_config.sections.cache_clear()
     yield
     run_config.sections.cache_clear()
@@ -83,8 +84,7 @@ def test_plugin_check_runs_before_the_folder_exists(probe_stages, tmp_path):
 
 
 def test_every_plugin_stage_has_a_documented_section():
-    """Every stage with a section sits before the summary and its section documents each key."""
-    assert stages.STAGES[-1].name == "summary"
+    """Every stage with a section has it registered, and its section documents each key."""
     for stage in stages.STAGES:
         if stage.section is not None:
             assert run_config.sections()[stage.name] is stage.section

@@ -31,8 +31,9 @@ order), summary.py (summary.txt), runner.py (run_pipeline: load, check, walk STA
 
 Adding a stage (the plug-in contract)
 -------------------------------------
-A new stage NAME is one file, sae_fast/run/NAME.py, plus one line in STAGES (sae_fast/run/stages.py), before
-the summary stage: `_plugin("NAME"),`. The file defines
+A new stage NAME is one file, sae_fast/run/NAME.py, plus one line in STAGES (sae_fast/run/stages.py): `_plugin(
+"NAME"),`, before the summary stage (after it only for a stage that reads summary.txt, such as report; its
+summary block is then not in summary.txt). The file defines
 
     @dataclass
     class NameSection:                           # the optional [NAME] section of the run config
@@ -81,6 +82,10 @@ The summary: `summary(ctx)` returns the lines of the stage's block (a heading li
 from the files the stage wrote (not from ctx.results alone: the summary is recomposed on every invocation,
 including a resume that skipped the stage). Blocks appear in STAGES order between the title and `finished in
 N s`.
+
+Cells: ctx.train_cells / ctx.heldout_cells are the rows of ctx.adata the SAE trains on and the ones held out of
+training ([data] holdout, 10%: the evaluation's cells); stages that measure how well something generalises use
+the held-out ones (`ctx.adata[ctx.heldout_cells]`).
 """
 
 from importlib import import_module

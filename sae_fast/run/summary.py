@@ -43,6 +43,8 @@ def compose(ctx: Context, seconds: float) -> str:
         lines.append("These numbers come from the embedded demo model `mini` (a small AIDO.Cell-\n"
                      "architecture model pretrained on the bundled cells), not from AIDO.Cell-100M.")
     for stage in STAGES:
+        if stage.name == "summary":  # stages after it (report) cannot be in it
+            break
         if stage.summary is not None and stage.active(config):
             lines += ["", *stage.summary(ctx)]
     lines += ["", f"run folder: {ctx.folder.path}", BAR, f"finished in {seconds:.0f} s"]
