@@ -213,8 +213,9 @@ def test_demo_report_in_chromium(demo_dir, browser, tmp_path):
     if os.environ.get("SAE_FAST_REPORT_RUN"):
         page = tmp_path / "report.html"
         assert main(["report", str(demo_dir), "--out", str(page), "-q"]) == 0
-    state = json.loads((demo_dir / "state.json").read_text())
-    assert "report" in state["done"] and state["done"]["report"]["bytes"] == page.stat().st_size
+    else:
+        state = json.loads((demo_dir / "state.json").read_text())
+        assert state["done"]["report"]["bytes"] == page.stat().st_size
     size = page.stat().st_size
     assert size <= 5e6, f"{size / 1e6:.1f} MB"
     text = page.read_text()
@@ -237,7 +238,12 @@ def test_demo_report_in_chromium(demo_dir, browser, tmp_path):
     feats = pd.read_parquet(demo_dir / "tables" / "features.parquet") if (
         demo_dir / "tables" / "features.parquet").exists() else pd.read_csv(demo_dir / "tables" / "features.csv")
     assert n_rows == len(feats)
-    enriched = int(feats.sort_values("best_q", kind="stable").feature.iloc[0])
+    # a feature with GO terms, preferably one that marks a cell type (a telling panel for the screenshot)
+    assoc = pd.read_parquet(demo_dir / "tables" / "cell_association.parquet")
+    marking = assoc.sort_values("ami", ascending=False, kind="stable").feature
+    with_terms = set(feats.feature[feats.n_sig > 0])
+    enriched = next((int(f) for f in marking if f in with_terms),
+                    int(feats.sort_values("best_q", kind="stable").feature.iloc[0]))
     browser.js(f"document.getElementById('q').value='{enriched}';document.getElementById('q')"
                ".dispatchEvent(new Event('input'))")
     assert browser.js("[...document.querySelectorAll('#ft tbody tr')].filter(r=>!r.hidden).length") >= 1
@@ -253,7 +259,8 @@ def test_demo_report_in_chromium(demo_dir, browser, tmp_path):
     assert panel[3] > 150
     check_offline(browser, page)
 
-    browser.js("window.scrollTo(0, 0)")
+    browser.js("document.getElementById('q').value='';document.getElementById('q').dispatchEvent(new Event('input'))")
+    browser.js("document.querySelector('#ft tr.sel').scrollIntoView({block:'center'});window.scrollTo(0, 0)")
     shot = browser.screenshot()
     w, h = png_size(shot)
     assert w >= 1000 and h > 2000, (w, h)
@@ -324,29 +331,31 @@ def synthetic_steering(folder: Path) -> dict:
     pre = rng.uniform(5, 10, 120)
     post = pre + rng.normal(-0.8, 1.0, 120)
     held = rng.random(120) < 0.2
-    pd.DataFrame({"cell": [f"c{i}" for i in range(120)], "dist_pre": pre, "dist_post": post,
+    pd.DataFrame({"cell": [f"c{i}" for i in range(120)], "dist_pre": pre, "dist_post": post, "closer": post < pre,
                   "heldout": held}).to_csv(t / "contrast_cells.csv", index=False)
     src, tgt = rng.normal(1, 1, 300), rng.normal(1, 1, 300)
     steered = src + (tgt - src) * rng.normal(0.4, 0.6, 300)
     gap = (steered - src) / (tgt - src)
     pd.DataFrame({"gene": [f"G{i}" for i in range(300)], "src": src, "tgt": tgt, "steered": steered, "gap": gap,
                   "correct": np.sign(steered - src) == np.sign(tgt - src),
-                  "direction": np.where(tgt > src, "up", "down"), "effect": np.abs(tgt - src)}).to_csv(
+                  "direction": np.where(tgt > src, "up", "down"), "effect_size": np.abs(tgt - src)}).to_csv(
         t / "contrast_gap.csv", index=False)
     pd.DataFrame({"feature": np.arange(40), "alpha": rng.normal(1, 0.4, 40)}).to_csv(t / "contrast_alphas.csv",
                                                                                      index=False)
-    rows = []
-    for sel, seeds in (("batch", [0]), ("random", [42, 43, 44])):
+    rows = [{"n": 0, "c": np.nan, "selector": "unsteered", "seed": None, "embedding": "unsteered", "bio": 0.6,
+             "batch": 0.4, "total": 0.52},
+            {"n": np.nan, "c": np.nan, "selector": "unintegrated", "seed": None, "embedding": "unintegrated",
+             "bio": 0.55, "batch": 0.35, "total": 0.47}]  # the layout of steer.debatch's tidy table
+    for sel, seeds in (("ami", [None]), ("random", [42, 43, 44])):
         for seed in seeds:
-            for n in (0, 10, 20, 50):
-                b = 0.4 + (0.004 if sel == "batch" else 0.001) * n + rng.normal(0, 0.01)
-                rows.append({"n": n, "c": -2.0, "selector": sel, "seed": seed, "bio": 0.6 - 0.001 * n,
-                             "batch": b, "total": 0.6 * (0.6 - 0.001 * n) + 0.4 * b, "silhouette_label": 0.5})
-    rows.append({"n": np.nan, "c": np.nan, "selector": "unintegrated", "seed": np.nan, "bio": 0.55, "batch": 0.35,
-                 "total": 0.47})
+            for n in (10, 20, 50):
+                b = 0.4 + (0.004 if sel == "ami" else 0.001) * n + rng.normal(0, 0.01)
+                rows.append({"n": n, "c": -2.0, "selector": sel, "seed": seed, "embedding": f"{sel}_n{n}_{seed}",
+                             "bio": 0.6 - 0.001 * n, "batch": b, "total": 0.6 * (0.6 - 0.001 * n) + 0.4 * b,
+                             "silhouette_label": 0.5})
     pd.DataFrame(rows).to_csv(t / "debatch.csv", index=False)
     (folder / "figures").mkdir(exist_ok=True)
-    for name in ("umap_before_batch", "umap_after_batch"):
+    for name in ("umap_unsteered", "umap_clamp_n20"):
         fig, ax = plt.subplots(figsize=(3, 3))
         ax.scatter(*rng.normal(size=(2, 50)), s=4)
         fig.savefig(folder / "figures" / f"{name}.png", dpi=60)
@@ -370,7 +379,7 @@ def test_steering_and_debatch_sections(demo_dir, browser, tmp_path):
     assert {"steering", "debatch", "features"} <= set(sections), sections
     alts = {a for a, *_ in check_images(browser, min_count=12)}
     assert {"alpha sweep", "closer fraction", "learned alphas", "gap fractions", "cumulative share by effect size",
-            "scIB scores against clamped features", "UMAP before batch", "UMAP after batch"} <= alts, alts
+            "scIB scores against clamped features", "UMAP unsteered", "UMAP clamp n20"} <= alts, alts
     body = browser.js("document.body.innerText")
     assert f"moved toward the target: {100 * want['up']:.1f}% of" in body
     assert "Features with |alpha - 1| > 0.3" in body and "unintegrated" in body

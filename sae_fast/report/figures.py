@@ -276,7 +276,8 @@ def gap_cumulative(df: pd.DataFrame):
     effect size."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
-    effect = df["effect"] if "effect" in df else (df["tgt"] - df["src"]).abs()
+    effect = next((df[c] for c in ("effect", "effect_size") if c in df), None)
+    effect = effect if effect is not None else (df["tgt"] - df["src"]).abs()
     for name, sub in directions(df) + [("all", df)]:
         order = np.argsort(-effect.loc[sub.index].to_numpy(float), kind="stable")
         ok = correct(sub)[order]
@@ -330,27 +331,31 @@ def contrast_alphas(df: pd.DataFrame, col: str = "alpha", threshold: float = 0.3
 
 
 def debatch_curves(df: pd.DataFrame):
-    """scIB scores (batch, bio, total) against the number of clamped features, one panel per clamp value c;
-    random feature sets as mean +- sd over their seeds."""
+    """scIB scores (batch, bio, total) against the number of clamped features, one row of panels per clamp value
+    c: each selector (the top batch features by AMI, random sets: mean +- sd over their seeds) as a line; the
+    rows without a clamp value (unsteered, unintegrated) as dotted reference lines."""
     plt = _plt()
     metrics = [m for m in ("batch", "bio", "total") if m in df]
-    cs = sorted(df["c"].dropna().unique()) if "c" in df else [None]
-    fig, axes = plt.subplots(len(cs), len(metrics), figsize=(2.9 * len(metrics), 2.3 * len(cs)), squeeze=False)
-    sel = df["selector"].astype(str) if "selector" in df else pd.Series("sae", index=df.index)
-    for r, c in enumerate(cs):
-        rows = df if c is None else df[(df["c"] == c) | df["c"].isna()]
+    c = df["c"] if "c" in df else pd.Series(np.nan, index=df.index)
+    cs = sorted(c.dropna().unique()) or [None]
+    sel = df["selector"].astype(str) if "selector" in df else pd.Series("clamped", index=df.index)
+    refs = df[c.isna()]
+    fig, axes = plt.subplots(len(cs), len(metrics), figsize=(2.9 * len(metrics), 2.4 * len(cs)), squeeze=False)
+    names = {"ami": "top batch features", "random": "random features"}
+    for r, cv in enumerate(cs):
+        rows = df[c == cv] if cv is not None else df
         for ax, m in zip(axes[r], metrics):
             for j, (name, sub) in enumerate(rows.groupby(sel.loc[rows.index], sort=True)):
-                if "n" not in sub or sub["n"].isna().all():
-                    ax.axhline(sub[m].mean(), color=CYCLE[(j + 3) % len(CYCLE)], lw=1, ls=":", label=name)
-                    continue
                 g = sub.groupby("n")[m]
                 mean, sd = g.mean(), g.std().fillna(0)
-                color = COLORS.get(name, CYCLE[j % len(CYCLE)])
-                ax.plot(mean.index, mean.to_numpy(), "-o", ms=3, color=color, label=name)
+                color = COLORS["sae"] if name == "ami" else COLORS.get(name, CYCLE[(j + 1) % len(CYCLE)])
+                ax.plot(mean.index, mean.to_numpy(), "-o", ms=3, color=color, label=names.get(name, name))
                 if (sd > 0).any():
                     ax.fill_between(mean.index, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
-            ax.set_title(f"{m}" + (f" (c = {c:g})" if c is not None else ""))
+            if cv is not None:
+                for k, (name, sub) in enumerate(refs.groupby(sel.loc[refs.index], sort=True)):
+                    ax.axhline(sub[m].mean(), color=CYCLE[(k + 2) % len(CYCLE)], lw=1, ls=":", label=name)
+            ax.set_title(m + (f" (c = {cv:g})" if cv is not None else ""))
             ax.set_xlabel("clamped features n")
         axes[r][0].legend(fontsize=7)
     fig.tight_layout()

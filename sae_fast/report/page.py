@@ -534,8 +534,8 @@ def association_section(assoc: pd.DataFrame | None, ami: dict, keys: list[str]) 
     intro = ("AMI between each label value (one vs rest) and each feature's per-cell activation (divided by its "
              "max, best threshold): the two best features of every label, as columns"
              + ("" if ami else "; grey: not among a label's top features in tables/cell_association") + ".")
-    return section("association", "Cell-level association", fig + "<h3>Best feature per label</h3>"
-                   + table_html(best[keep].reset_index(drop=True)), intro=intro)
+    return section("association", "Cell-level association", f'<div class="figrow"><div>{fig}</div><div><h3>Best '
+                   f"feature per label</h3>{table_html(best[keep].reset_index(drop=True))}</div></div>", intro=intro)
 
 
 # ------------------------------------------------------------------------------------ steering, debatch
@@ -562,7 +562,7 @@ def steering_section(run: RunDir) -> dict | None:
                                                             or {"src", "tgt"} <= set(gap.columns))
     if g_ok:
         row.append(img(figs.data_uri(figs.gap_distributions(gap)), "gap fractions"))
-        if "effect" in gap or {"src", "tgt"} <= set(gap.columns):
+        if {"effect", "effect_size"} & set(gap.columns) or {"src", "tgt"} <= set(gap.columns):
             row.append(img(figs.data_uri(figs.gap_cumulative(gap)), "cumulative share by effect size"))
     if row:
         text = []
@@ -600,11 +600,16 @@ def debatch_section(run: RunDir) -> dict | None:
         if {"batch", "bio"} & set(df.columns) and "n" in df:
             parts.append(img(figs.data_uri(figs.debatch_curves(df)), "scIB scores against clamped features"))
         parts.append(table_html(df, max_rows=120))
+    text = run.text("tables/debatch_summary.txt")
+    if text:
+        parts.append(f"<details><summary>debatch_summary.txt</summary><pre>{esc(text.rstrip())}</pre></details>")
     if umaps:
         cap = lambda p: p.stem.replace("umap_", "").replace("_", " ")
+        first = {"unintegrated": 0, "unsteered": 1}
+        umaps = sorted(umaps, key=lambda p: (first.get(cap(p), 2), p.name))
         parts.append('<h3>UMAPs</h3><div class="figrow">' + "".join(
-            f'<figure>{img(figs.file_uri(p), "UMAP " + cap(p), "umap")}<figcaption>{esc(cap(p))}</figcaption>'
-            "</figure>" for p in umaps) + "</div>")
+            f'<figure class="umapfig">{img(figs.file_uri(p), "UMAP " + cap(p), "umap")}<figcaption>{esc(cap(p))}'
+            "</figcaption></figure>" for p in umaps) + "</div>")
     intro = ("Batch features (ranked by AMI with the batch label) clamped to c inside the forward pass, the "
              "embedding re-scored with scib-metrics (total = 0.6 bio + 0.4 batch), against random feature sets "
              "of the same size, the unsteered and the unintegrated embedding (Pedrocchi et al.).")
@@ -745,7 +750,7 @@ section{background:var(--card);border:1px solid var(--line);border-radius:10px;p
 h2{margin:0 0 8px;font-size:18px}h3{font-size:14px;margin:16px 0 6px}
 .intro{color:var(--mute);margin:0 0 12px;max-width:980px}.note{color:var(--mute);font-size:12px}
 img.fig{max-width:100%;height:auto;display:block;margin:6px 0}
-img.umap{max-width:100%;height:auto}
+img.umap{width:100%;height:auto}figure.umapfig{flex:1 1 560px;max-width:100%}
 .figrow{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}.figrow img{max-width:100%}
 figure{margin:0}figcaption{color:var(--mute);font-size:12px;text-align:center}
 .caption{font-size:13px;margin:4px 0 0}
@@ -825,7 +830,7 @@ function show(f) {
   const d = D.features[f];
   if (!d) return;
   const facts = [`PR ${d.pr == null ? '–' : d.pr.toFixed(1)}`, `${d.nt ?? '–'} top genes tested`,
-                 `${d.ns ?? 0} significant terms`];
+                 `${d.ns ?? 0} significant term${d.ns === 1 ? '' : 's'}`];
   if (d.cp != null) facts.push(`overlap component ${d.cp}`);
   if (d.rho != null) facts.push(`expression Spearman ${d.rho.toFixed(2)}`);
   if (d.mk) facts.push(`marker set ${E(d.mk)}`);
