@@ -286,15 +286,17 @@ class BatchTopKSAE(SparseAutoencoder):
         self._init_threshold()
 
     def _init_threshold(self) -> None:
-        self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0 until the first training batch sets it
         # sum_t (1 - beta) beta^(T-t): the weight theta's average has accumulated (0: not yet learned)
         self.register_buffer("threshold_weight", torch.tensor(0.0))
 
-    def _threshold_learned(self) -> bool:
+    def threshold_learned(self) -> bool:
+        """Whether eval-mode encode uses the threshold (else the batch rule): after any training batch, or for
+        a threshold loaded from a checkpoint."""
         return bool(self.threshold_weight > 0)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
-        if self.training or not self._threshold_learned():
+        if self.training or not self.threshold_learned():
             return ops.batch_topk_encode(x, self.W_enc, self._b_eff(), self.cfg.k, relu=True,
                                          backend=self.cfg.backend)
         theta = self.threshold.clamp_min(0)
