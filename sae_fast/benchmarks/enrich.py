@@ -23,7 +23,7 @@ def run(quick: bool = False) -> list[dict]:
     from sae_fast.interpret import load_gene_sets, ora
 
     logging.getLogger("gseapy").setLevel(logging.WARNING)
-    n_queries, n_ref = (256, 3) if quick else (5120, 20)
+    n_queries, n_ref = (64, 2) if quick else (5120, 20)
     go = load_gene_sets("go_bp")
     background = sorted({g for genes in go.values() for g in genes})
     rng = np.random.default_rng(0)

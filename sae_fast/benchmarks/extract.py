@@ -34,7 +34,7 @@ def run(quick: bool = False, model=None, adata=None) -> list[dict]:
     model = model if model is not None else load_model("mini")
     adata = adata if adata is not None else datasets.pbmc_demo()
     if quick:
-        adata = adata[:64].copy()
+        adata = adata[:16].copy()
     layer = model.n_layers // 2
     verbosity, utils.VERBOSITY = utils.VERBOSITY, 0
     tmp = Path(tempfile.mkdtemp(prefix="sae_fast_bench_extract_"))

@@ -8,10 +8,13 @@ softmax), 59.4 GB (55.3 GiB) per layer. Both run batch 1 on the CPU, each
 context in a fresh process, so that the peak resident memory (Linux VmHWM, reset after the weights are
 built) is the forward's own. Random weights: speed and memory do not depend on them.
 
+On CUDA the same contexts run in this process in bf16, with torch.cuda.max_memory_allocated as the peak (the
+naive reference where its bf16 matrices take <= 8 GB).
+
 Full: the 100M config at 1,024, 4,096 and 19,266 tokens (the last takes minutes on a laptop CPU).
---quick: the 3M config at 256, 1,024 and 2,048 tokens.
+--quick: the 3M config at 128 and 256 tokens.
 Both also time the embedded `mini` model over the whole demo data set (360 cells x 1,026 tokens, prepare
-included), which must take under a minute on a laptop CPU.
+included; --quick: 16 cells), which must take under a minute on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -61,6 +64,39 @@ def _measure(size: str, T: int, naive: bool, repeat: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _measure_cuda(size: str, T: int, naive: bool, repeat: int) -> dict:
+    """The forward at batch 1 in bf16 on the GPU: median seconds and the peak allocated bytes of the forward."""
+    import time
+    from unittest import mock
+
+    import torch
+
+    from sae_fast.models import aido_cell
+    from sae_fast.models.base import CellBatch
+
+    model = aido_cell.random_aido_cell(aido_cell.AIDO_CELL_CONFIGS[size], device="cuda", dtype=torch.bfloat16)
+    values = torch.rand(1, T) * 5
+    batch = CellBatch({"values": values}, torch.zeros(1, T, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                      torch.ones(1, T, dtype=torch.bool), values).to("cuda")
+    patch = mock.patch.object(aido_cell.F, "scaled_dot_product_attention", naive_attention) if naive else \
+        mock.MagicMock()
+    times = []
+    with patch, torch.inference_mode():
+        model(batch)  # warm-up (kernel selection)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(batch)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() - base
+    del model
+    torch.cuda.empty_cache()
+    return {"seconds": sorted(times)[len(times) // 2], "peak_bytes": peak}
+
+
 def naive_attention(q, k, v):
     """The reference: softmax(q k^T / sqrt(d)) v with the [B, heads, T, T] scores in memory."""
     import torch
@@ -68,8 +104,9 @@ def naive_attention(q, k, v):
     return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
 
 
-def _mini_demo_seconds(naive: bool) -> float:
-    """One forward pass of `mini` over all of pbmc_demo, batches of 8, prepare included (in this process)."""
+def _mini_demo_seconds(naive: bool, cells: int | None = None) -> float:
+    """One forward pass of `mini` over pbmc_demo (its first `cells`; None = all), batches of 8, prepare included
+    (in this process)."""
     import time
     from unittest import mock
 
@@ -79,6 +116,7 @@ def _mini_demo_seconds(naive: bool) -> float:
     from sae_fast.models import aido_cell
 
     model, adata = load_model("mini"), datasets.pbmc_demo()
+    adata = adata if cells is None else adata[:cells]
     attention = naive_attention if naive else aido_cell.F.scaled_dot_product_attention
     with mock.patch.object(aido_cell.F, "scaled_dot_product_attention", attention), torch.inference_mode():
         model(next(iter(model.prepare(adata[:8]))))  # warm-up
@@ -93,19 +131,24 @@ def run(quick: bool = False) -> list[dict]:
 
     from sae_fast.models.aido_cell import AIDO_CELL_CONFIGS
 
-    size, contexts = ("3m", [256, 1024, 2048]) if quick else ("100m", [1024, 4096, 19266])
+    size, contexts = ("3m", [128, 256]) if quick else ("100m", [1024, 4096, 19266])
     cfg = AIDO_CELL_CONFIGS[size]
     threads = torch.get_num_threads()
+    cuda = torch.cuda.is_available()
     ref_limit = 8 * 2**30  # run the naive reference only if its score matrices fit in a few GB
+    elem = 2 if cuda else 4
     rows = []
     for T in contexts:
-        repeat = 3 if T <= 4096 else 1
-        ours = _measure(size, T, False, repeat, threads)
-        score_bytes = 2 * cfg.num_attention_heads * T * T * 4  # two fp32 [1, heads, T, T] matrices alive at once
-        ref = _measure(size, T, True, repeat, threads) if score_bytes <= ref_limit else None
+        repeat = 3 if T <= 4096 or cuda else 1
+        args = (size, T, False, repeat) if cuda else (size, T, False, repeat, threads)
+        measure = _measure_cuda if cuda else _measure
+        ours = measure(*args)
+        score_bytes = 2 * cfg.num_attention_heads * T * T * elem  # two [1, heads, T, T] matrices alive at once
+        ref = measure(*args[:2], True, *args[3:]) if score_bytes <= ref_limit else None
         rows.append(record(
-            "forward", {"model": f"aido_cell_{size}", "context": T, "batch": 1, "dtype": "float32"},
-            device_name("cpu"), ours["seconds"], ref["seconds"] if ref else None,
+            "forward", {"model": f"aido_cell_{size}", "context": T, "batch": 1,
+                        "dtype": "bfloat16" if cuda else "float32"},
+            device_name("cuda" if cuda else "cpu"), ours["seconds"], ref["seconds"] if ref else None,
             tokens_per_s=T / ours["seconds"], peak_mem_bytes=ours["peak_bytes"],
             peak_mem_bytes_per_token=ours["peak_bytes"] / T,
             reference="naive attention materialising [B, heads, T, T]" if ref else
@@ -118,8 +161,9 @@ def run(quick: bool = False) -> list[dict]:
     linear = per_token[-1] <= 1.5 * min(per_token)
     for r in rows:
         r["peak_mem_linear_in_context"] = linear
-    ours, ref = _mini_demo_seconds(False), _mini_demo_seconds(True)
-    rows.append(record("forward", {"model": "mini", "data": "pbmc_demo", "cells": 360, "context": 1026,
-                                   "batch": 8}, device_name("cpu"), ours, ref, tokens_per_s=360 * 1026 / ours,
+    cells = 16 if quick else 360
+    ours, ref = _mini_demo_seconds(False, cells), _mini_demo_seconds(True, cells)
+    rows.append(record("forward", {"model": "mini", "data": "pbmc_demo", "cells": cells, "context": 1026,
+                                   "batch": 8}, device_name("cpu"), ours, ref, tokens_per_s=cells * 1026 / ours,
                        reference="the same model with naive attention", under_one_minute=ours < 60))
     return rows

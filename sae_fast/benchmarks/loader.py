@@ -61,7 +61,7 @@ def run(quick: bool = False) -> list[dict]:
 
     d, per_shard, n_shards = 640, 2**18, (1 if quick else 6)
     if quick:
-        per_shard = 160_000  # 200 MB
+        per_shard = 40_000  # 51 MB
     tmp = Path(tempfile.mkdtemp(prefix="sae_fast_bench_loader_"))
     try:
         _write(tmp / "s", n_shards, per_shard, d)
