@@ -21,6 +21,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from sae_fast.kernels.encode import block_range
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
