@@ -37,7 +37,7 @@ def add_arguments(parser):
                         "sample:N (N tokens per cell, as Pedrocchi et al. with N=250/256) (default: all)")
     parser.add_argument("--special-tokens", action="store_true",
                         help="also keep the model's special tokens (AIDO.Cell's 2 depth tokens; gene id -1)")
-    parser.add_argument("--gene-filter", default=None, metavar="FILE",
+    parser.add_argument("--genes", default=None, metavar="FILE",
                         help="keep only the genes listed in FILE (one symbol per line)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                         help="storage dtype of the activations (default: float16)")
@@ -83,7 +83,7 @@ def read_gene_list(path: str) -> list[str]:
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: gene filter file not found (--gene-filter: one gene symbol per line)")
+        raise UserError(f"{p}: gene list not found (--genes: one gene symbol per line)")
     genes = [line.split("\t")[0].strip() for line in p.read_text().splitlines()]
     return [g for g in genes if g and not g.startswith("#")]
 
@@ -96,7 +96,7 @@ def run(args):
     model = parse_model(args.model, args.device, args.model_dtype)
     model.check_layer(args.layer)
     adata = read_cells(args.data, args.counts, where="--counts")
-    genes = read_gene_list(args.gene_filter) if args.gene_filter else None
+    genes = read_gene_list(args.genes) if args.genes else None
     with process_group() as (rank, _):
         shards = extract(model, adata, args.layer, args.out, tokens=args.tokens, gene_filter=genes,
                          dtype=args.dtype, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
