@@ -298,6 +298,7 @@ def test_violin_histograms_match_numpy():
     X[:, 3] = 0  # a feature that never fires
     labels = rng.choice(["T", "B", "NK"], 200)
     classes, counts, per_feature = violin_data(X.astype(np.float32), labels)
+    assert violin_data(X.astype(np.float32), labels, chunk=3) == (classes, counts, per_feature)
     assert classes == ["B", "NK", "T"] and counts == [int((labels == c).sum()) for c in classes]
     assert per_feature[3] is None
     for f in (0, 1, 6):
@@ -369,6 +370,9 @@ def test_steering_and_debatch_sections(demo_dir, browser, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_dir, run, ignore=shutil.ignore_patterns("shards", "sae", "report.html"))
     want = synthetic_steering(run)
+    # the top genes' activations, in the layout proposed for the interpret stage (feature, gene, activation)
+    acts = pd.DataFrame({"feature": 0, "gene": ["GENE_A", "GENE_B", "GENE_C"], "activation": [0.5, 2.25, 1.0]})
+    acts.to_csv(run / "tables" / "top_genes.csv", index=False)
     page = write_report(run)
     assert page == run / "report.html"
     text = page.read_text()
@@ -383,6 +387,9 @@ def test_steering_and_debatch_sections(demo_dir, browser, tmp_path):
     body = browser.js("document.body.innerText")
     assert f"moved toward the target: {100 * want['up']:.1f}% of" in body
     assert "Features with |alpha - 1| > 0.3" in body and "unintegrated" in body
+    browser.click("#ft tbody tr[data-f='0']")
+    bars = browser.js("[...document.querySelectorAll('#panel .gbar')].map(b => b.innerText.replace(/\\s+/g, ' '))")
+    assert bars[:3] == ["GENE_B 2.25", "GENE_C 1.00", "GENE_A 0.500"], bars
     check_offline(browser, page)
 
 

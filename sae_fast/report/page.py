@@ -34,6 +34,8 @@ METRIC_LABELS = {  # sae_metrics.json keys -> (label, how to print, what it mean
     "ers_fraction": ("ERS (code)", "{:.3f}", "1 - SE(X_orig, X_rec) / SE(X_0, X_orig)"),
     "ers": ("ERS", "{:.3f}", "Embedding Recovery Score"),
     "n_tokens": ("tokens evaluated", "{:,.0f}", ""),
+    "n_cells": ("cells evaluated", "{:,.0f}", ""),
+    "holdout": ("held-out share", "{:.0%}", "cells kept out of training and evaluated here (data.holdout)"),
     "n_features": ("features", "{:,.0f}", "dictionary size"),
 }
 
@@ -169,6 +171,13 @@ def _model_line(cfg: dict, state: dict | None) -> tuple[str, str, str]:
     return model, "" if layer is None else str(layer), arch
 
 
+def _metric_label(key: str, metrics: dict) -> tuple[str, str, str]:
+    label, spec, note = METRIC_LABELS.get(key, (key, "{:.4g}", ""))
+    if metrics.get("holdout") and key in ("fvu", "mse", "l0", "dead_fraction"):  # evaluated on held-out cells
+        label = f"{label}, held-out cells"
+    return label, spec, note
+
+
 def overview(run: RunDir, cfg: dict, metrics: dict | None, summary: dict | None, extras: dict) -> str:
     tiles = []
 
@@ -180,9 +189,10 @@ def overview(run: RunDir, cfg: dict, metrics: dict | None, summary: dict | None,
         n_feat = metrics.get("n_features") or extras.get("n_features")
         if n_feat:
             tile("SAE features", fmt(int(n_feat)))
-        for key in ("fvu_heldout", "fvu", "l0", "dead_fraction"):
-            if key in metrics and key != "fvu" or (key == "fvu" and "fvu_heldout" not in metrics and key in metrics):
-                label, spec, _ = METRIC_LABELS[key]
+        fvu = "fvu_heldout" if "fvu_heldout" in metrics else "fvu"
+        for key in (fvu, "l0", "dead_fraction"):
+            if key in metrics:
+                label, spec, _ = _metric_label(key, metrics)
                 tile(label, fmt(metrics[key], spec))
     if summary:
         for basis in ("sae", "raw", "ica"):
@@ -276,10 +286,11 @@ def metrics_section(metrics: dict | None, state: dict | None) -> dict | None:
         v = metrics[k]
         if isinstance(v, (dict, list)):
             continue
-        label, spec, note = METRIC_LABELS.get(k, (k, "{:.4g}", ""))
+        label, spec, note = _metric_label(k, metrics)
         items.append((label, fmt(v, spec) if isinstance(v, (int, float)) else esc(v), note))
+    where = "the held-out cells' tokens" if metrics.get("holdout") else "its evaluation tokens"
     return section("metrics", "SAE metrics", kv_table(items), intro="From tables/sae_metrics.json: the SAE "
-                   "evaluated over its evaluation tokens after training.")
+                   f"evaluated over {where} after training.")
 
 
 def interpretation_section(run: RunDir, feats: pd.DataFrame | None, enr: pd.DataFrame | None,
@@ -369,29 +380,31 @@ def association_scores(cell_max: np.ndarray, obs: pd.DataFrame, keys: list[str],
     return out
 
 
-def violin_data(cell_max: np.ndarray, labels: np.ndarray) -> tuple[list[str], list, list]:
+def violin_data(cell_max: np.ndarray, labels: np.ndarray, chunk: int = 2048) -> tuple[list[str], list, list]:
     """Per feature and label value: the share of cells where it fires, and a histogram (N_BINS bins over
     [0, the feature's max]) of its per-cell max activation over those cells, scaled to 0..99; None for a feature
-    that never fires."""
-    lab = labels.astype(str)
+    that never fires. Features go in chunks, so memory stays at a few [cells, chunk] arrays."""
+    lab = np.asarray(labels).astype(str)
     classes = sorted(pd.unique(lab))
-    n, F = cell_max.shape
-    fmax = cell_max.max(0)
-    x = cell_max / np.where(fmax > 0, fmax, 1.0)
-    bins = np.minimum((x * N_BINS).astype(np.int64), N_BINS - 1)  # [n, F]
-    flat = np.arange(F)[None, :] * N_BINS + bins
-    hists, fracs = [], []
-    for c in classes:
-        rows = lab == c
-        on = x[rows] > 0
-        h = np.bincount(flat[rows][on], minlength=F * N_BINS).reshape(F, N_BINS).astype(float)
-        peak = h.max(1, keepdims=True)
-        hists.append(np.round(99 * h / np.where(peak > 0, peak, 1.0)).astype(int))
-        fracs.append(on.sum(0) / max(int(rows.sum()), 1))
-    per_feature = [None if fmax[f] <= 0 else
-                   [[round(float(fracs[j][f]), 3), hists[j][f].tolist()] for j in range(len(classes))]
-                   for f in range(F)]
-    return classes, [int((lab == c).sum()) for c in classes], per_feature
+    masks = [lab == c for c in classes]
+    per_feature = []
+    for s in range(0, cell_max.shape[1], chunk):
+        X = np.asarray(cell_max[:, s:s + chunk], np.float64)
+        F = X.shape[1]
+        fmax = X.max(0)
+        x = X / np.where(fmax > 0, fmax, 1.0)
+        flat = np.arange(F)[None, :] * N_BINS + np.minimum((x * N_BINS).astype(np.int64), N_BINS - 1)
+        hists, fracs = [], []
+        for rows in masks:
+            on = x[rows] > 0
+            h = np.bincount(flat[rows][on], minlength=F * N_BINS).reshape(F, N_BINS).astype(float)
+            peak = h.max(1, keepdims=True)
+            hists.append(np.round(99 * h / np.where(peak > 0, peak, 1.0)).astype(int))
+            fracs.append(on.sum(0) / max(int(rows.sum()), 1))
+        per_feature += [None if fmax[f] <= 0 else
+                        [[round(float(fracs[j][f]), 3), hists[j][f].tolist()] for j in range(len(classes))]
+                        for f in range(F)]
+    return classes, [int(m.sum()) for m in masks], per_feature
 
 
 def browser_section(feats: pd.DataFrame | None, enr: pd.DataFrame | None, top_acts: pd.DataFrame | None,
