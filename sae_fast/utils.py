@@ -71,6 +71,12 @@ def read_table(stem: str | os.PathLike):
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
 
+def say(msg: str) -> None:
+    """A progress line on stdout, honouring the CLI's verbosity (silent under -q)."""
+    if VERBOSITY >= 1:
+        print(msg, flush=True)
+
+
 def progress(total=None, desc: str = "", unit: str = "it", *, disable: bool = False, **kw):
     """A tqdm bar honouring the CLI's verbosity. Use `unit="tok"` and `unit_scale=True` for tokens/s.
 

@@ -33,7 +33,7 @@ import torch
 
 from sae_fast.activations.shards import Shards, ShardWriter, _read_manifest, dtype_name, open_shards
 from sae_fast.errors import UserError
-from sae_fast.utils import progress, write_json
+from sae_fast.utils import progress, say, write_json
 
 
 def parse_tokens(tokens: str) -> tuple[str, int | None]:
@@ -134,9 +134,9 @@ def extract(model, adata, layer: int, out: str | os.PathLike, *, tokens: str = "
 def _run(model, adata, layer, writer: ShardWriter, lo, hi, rule, n_sample, keep_genes, special_tokens, seed,
          batch_size, device, show: bool = True) -> None:
     done = int(writer.state.get("cells_done", lo))
-    if done > lo:
-        print(f"resuming extraction in {writer.dir}: {done - lo}/{hi - lo} cells done, "
-              f"{writer.manifest['n_tokens']} tokens in {len(writer.manifest['shards'])} shards")
+    if done > lo and show:
+        say(f"resuming extraction in {writer.dir}: {done - lo}/{hi - lo} cells done, "
+            f"{writer.manifest['n_tokens']} tokens in {len(writer.manifest['shards'])} shards")
     part = adata[done:hi] if (done, hi) != (0, adata.n_obs) else adata
     device = torch.device(device) if device is not None else next(model.parameters()).device
     bar = progress(total=hi - done, desc=f"extract layer {layer}", unit="cell",

@@ -57,8 +57,4 @@ class Context:
     def sae(self, value) -> None:
         self._sae = value
 
-    @staticmethod
-    def say(msg: str) -> None:
-        """A progress line on stdout (silent under -q)."""
-        if utils.VERBOSITY >= 1:
-            print(msg, flush=True)
+    say = staticmethod(utils.say)  # a progress line on stdout (silent under -q)
