@@ -273,8 +273,8 @@ def training_section(run: RunDir, cfg: dict, log: list[dict]) -> dict | None:
     note = (f"{len(df)} logged steps, last at step {int(last['step']):,}"
             + (f", {float(last['tokens_per_s']):,.0f} tokens/s" if "tokens_per_s" in df else "") + xlabel_note)
     return section("training", "Training", img(figs.data_uri(figs.training_curves(df)), "training curves"),
-                   intro=esc(note) + ". Metrics of each logged training batch (FVU here is per batch; the "
-                   "table below is over the whole evaluation set).")
+                   intro=esc(note) + ". Metrics of each logged training batch (FVU here is per batch; SAE "
+                   "metrics above are over the whole evaluation set).")
 
 
 def metrics_section(metrics: dict | None, state: dict | None) -> dict | None:
@@ -423,7 +423,7 @@ def browser_section(feats: pd.DataFrame | None, enr: pd.DataFrame | None, top_ac
     if top_acts is not None and {"feature", "gene", "activation"} <= set(top_acts.columns):
         for f, g in top_acts.groupby("feature", sort=False):
             g = g.sort_values("activation", ascending=False, kind="stable").head(N_GENES)
-            acts[int(f)] = (list(map(str, g["gene"])), [round(float(a), 4) for a in g["activation"]])
+            acts[int(f)] = (list(map(str, g["gene"])), [_num(a) or 0.0 for a in g["activation"]])
     fam_cols = [c for c in feats.columns if c.startswith("family_")]
     ct_key = cell_type_key(keys)
     violins, classes, counts = None, [], []
@@ -454,7 +454,7 @@ def browser_section(feats: pd.DataFrame | None, enr: pd.DataFrame | None, top_ac
                                          _num(x.get("ic"))] for x in t.to_dict("records")],
              "fam": [[c[len("family_"):], round(float(getattr(r, c)), 3)] for c in fam_cols
                      if _finite(getattr(r, c)) and float(getattr(r, c)) > 0],
-             "ami": [[k, best[k][0][f], round(float(best[k][1][f]), 3)] for k in shown_keys if f < n]}
+             "ami": [[k, best[k][0][f], _num(round(float(best[k][1][f]), 3))] for k in shown_keys if f < n]}
         if violins is not None and f < len(violins):
             d["v"] = violins[f]
         data[f] = d
