@@ -142,6 +142,20 @@ def association_scores(X, labels) -> CellScores:
                       np.asarray(F1_THRESHOLDS)[fi])
 
 
+def rank_by_label(X, labels) -> pd.DataFrame:
+    """Every feature ranked by its association with one label, [P]'s batch-feature rule: the AMI of
+    `association_scores` (one vs rest, max over thresholds), then the max over the label's values.
+
+    X: [n_cells, F] per-cell activations divided by each feature's max. Columns: feature, ami, label (the
+    value that gave the best AMI), ami_threshold; best first (ties by feature index)."""
+    s = association_scores(X, labels)
+    best = s.ami.argmax(0)
+    cols = np.arange(s.ami.shape[1])
+    df = pd.DataFrame({"feature": cols, "ami": s.ami[best, cols], "label": np.asarray(s.classes)[best],
+                       "ami_threshold": s.ami_threshold[best, cols]})
+    return df.sort_values(["ami", "feature"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
 def _logfact(n: int) -> np.ndarray:
     from scipy.special import gammaln
 

@@ -21,6 +21,10 @@ _ATTRS = {
     **dict.fromkeys(["SweepResult", "alpha_sweep", "deg", "deg_table", "paired_t", "top_degs"],
                     "sae_fast.steer.deg"),
     **dict.fromkeys(["ContrastConfig", "ContrastResult", "contrast"], "sae_fast.steer.contrast"),
+    **dict.fromkeys(["DebatchConfig", "DebatchResult", "debatch", "rank_features"], "sae_fast.steer.debatch"),
+    **dict.fromkeys(["EmbeddingRecovery", "LayersConfig", "embedding_recovery", "layer_curve"],
+                    "sae_fast.steer.recovery"),
+    "scib_scores": "sae_fast.steer.scib",
 }
 
 __all__ = sorted(_ATTRS)
