@@ -128,7 +128,7 @@ def test_run_folder_resume_and_force(tmp_path, capsys):
     first = run_pipeline(load_config(cfg_path), out)
     assert not first.resumed and first.skipped == []
     for name in ["config.resolved.toml", "environment.json", "log.jsonl", "state.json", "summary.txt",
-                 "annotated.h5ad", "sae", "shards", "tables"]:
+                 "annotated.h5ad", "sae", "shards", "tables", "report.html"]:
         assert (out / name).exists(), name
     assert first.summary.splitlines()[-1] == f"finished in {first.seconds:.0f} s" or \
         first.summary.splitlines()[-1].startswith("finished in ")
@@ -137,12 +137,12 @@ def test_run_folder_resume_and_force(tmp_path, capsys):
     env = json.loads((out / "environment.json").read_text())
     assert env["packages"]["torch"] and env["cores"]
     done = [e for e in log_events(out) if e["event"] == "stage_done"]
-    assert [e["stage"] for e in done] == ["extract", "train", "evaluate", "interpret", "summary"]
+    assert [e["stage"] for e in done] == ["extract", "train", "evaluate", "interpret", "summary", "report"]
     assert all(e["seconds"] >= 0 for e in done)
     # the same config again: every stage but the summary is skipped
     mtime = (out / "annotated.h5ad").stat().st_mtime_ns
     second = run_pipeline(load_config(cfg_path), out)
-    assert second.resumed and second.skipped == ["extract", "train", "evaluate", "interpret"]
+    assert second.resumed and second.skipped == ["extract", "train", "evaluate", "interpret", "report"]
     assert (out / "annotated.h5ad").stat().st_mtime_ns == mtime
     assert [e["event"] for e in log_events(out)].count("resume") == 1
     # a different config is refused, naming the key; --force starts fresh
@@ -193,7 +193,7 @@ def test_killed_run_resumes_and_completes(tmp_path):
     events = log_events(out)
     assert [e["event"] for e in events].count("resume") == 1
     stages = [e["stage"] for e in events if e["event"] == "stage_done"]
-    assert stages.count("extract") == 1 and stages.count("train") == 1 and stages[-1] == "summary"
+    assert stages.count("extract") == 1 and stages.count("train") == 1 and stages[-2:] == ["summary", "report"]
 
 
 def test_resume_survives_a_torn_metrics_line(tmp_path):
