@@ -143,3 +143,25 @@ def test_shards_object_reshuffles_per_epoch_when_told(shards):
     b = next(iter(shards))
     shards.set_epoch(0)
     assert not torch.equal(a, b) and torch.equal(a, next(iter(shards)))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_give_the_same_batches_in_the_same_order(shards, threads):
+    kw = dict(seed=5, with_ids=True, buffer_mb=0.005, chunk_tokens=16)
+    inline = list(shards.iter_batches(64, threads=0, **kw))
+    pooled = list(shards.iter_batches(64, threads=threads, **kw))
+    assert len(pooled) == len(inline)
+    for a, b in zip(inline, pooled):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_threaded_stream_can_stop_early(shards):
+    it = shards.iter_batches(64, threads=2, buffer_mb=0.005, chunk_tokens=16)
+    first = next(it)
+    it.close()  # the pool shuts down, nothing hangs
+    assert first.shape == (64, 6)
+
+
+def test_negative_threads_refused(shards):
+    with pytest.raises(UserError, match="threads"):
+        shards.loader(64, threads=-1)

@@ -19,9 +19,17 @@ from torch.distributed when it is initialised), rank r yields rows [r*B/N, (r+1)
 B rows, so N ranks averaging gradients take the same steps as one process with batch B, and each rank reads
 only its own rows (the shard set is partitioned by rank, row by row). The final partial batch is cut to a
 multiple of N so that every rank takes the same number of steps.
+
+Threads: batches are gathered by `threads` worker threads (numpy's gather releases the GIL), up to `threads + 1`
+batches ahead of the consumer, so that the copy overlaps the training step and scales with cores; the order of
+the batches does not depend on the thread count. `threads=0` gathers in the consumer's thread.
 """
 
 from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -40,11 +48,16 @@ class ShardLoader:
     def __init__(self, shards: Shards, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  epoch: int = 0, buffer_mb: float = 32, chunk_tokens: int | None = None,
                  with_ids: bool = False, dtype: torch.dtype | None = None, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False, block_tokens: int | None = None):
+                 world_size: int | None = None, drop_last: bool = False, block_tokens: int | None = None,
+                 threads: int | None = None):
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.shards, self.batch_size, self.shuffle, self.seed = shards, int(batch_size), shuffle, seed
         self.epoch, self.with_ids, self.dtype, self.drop_last = epoch, with_ids, dtype, drop_last
+        # gather threads: default one per core, at most 4 (a batch is a few MB: more threads only add contention)
+        self.threads = min(4, os.cpu_count() or 1) if threads is None else int(threads)
+        if self.threads < 0:
+            raise UserError(f"threads must be >= 0 (0 = gather in the consumer's thread), got {threads}")
         row_bytes = shards.d * np.dtype(shards.array(0).dtype).itemsize if shards.n_tokens else 1
         # shuffle unit: one page (4 KB) of consecutive tokens by default; 1 = every token on its own
         self.block_tokens = max(1, int(block_tokens or -(-4096 // row_bytes)))
@@ -81,10 +94,42 @@ class ShardLoader:
 
     def __iter__(self):
         epoch = self.epoch
-        yield from self._epoch(epoch)
+        if self.threads == 0:
+            for rows in self._epoch(epoch):
+                if rows is None:
+                    self.shards.release()
+                else:
+                    yield self._batch(rows)
+        else:
+            yield from self._threaded(epoch)
         self.epoch = epoch + 1
 
+    def _threaded(self, epoch: int):
+        """The epoch's batches gathered by a pool of `threads`, at most threads + 1 in flight, in plan order."""
+        pending: deque = deque()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sae_fast_loader")
+        try:
+            for rows in self._epoch(epoch):
+                if rows is None:  # the window is planned out: drop its pages once its batches are gathered
+                    pending.append(None)
+                    continue
+                pending.append(pool.submit(self._batch, rows))
+                while sum(f is not None for f in pending) > self.threads:
+                    yield from self._drain_one(pending)
+            while pending:
+                yield from self._drain_one(pending)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _drain_one(self, pending: deque):
+        head = pending.popleft()
+        if head is None:
+            self.shards.release()
+        else:
+            yield head.result()
+
     def _epoch(self, epoch: int):
+        """The epoch's plan: the global token ids of each batch (this rank's part), None after each window."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         chunks = self._chunks(rng)
         B, N = self.batch_size, self.world_size
@@ -102,14 +147,14 @@ class ShardLoader:
                 ids = ids[self._shuffled_positions(rng, len(ids))]
             n_full = len(ids) // B
             for b in range(n_full):
-                yield self._batch(ids[b * B:(b + 1) * B][part])
+                yield ids[b * B:(b + 1) * B][part]
             carry = ids[n_full * B:]
-            self.shards.release()
+            yield None
             if j == len(chunks):
                 m = len(carry) // N
                 if m and not self.drop_last:
-                    yield self._batch(carry[self.rank * m:(self.rank + 1) * m])
-                    self.shards.release()
+                    yield carry[self.rank * m:(self.rank + 1) * m]
+                    yield None
                 return
 
     def _shuffled_positions(self, rng: np.random.Generator, n: int) -> np.ndarray:
