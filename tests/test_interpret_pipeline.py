@@ -123,39 +123,78 @@ class FakeSAE(torch.nn.Module):
         return SparseCode(i, v.relu())
 
 
+def dense_codes(sae, model, adata, layer=1):
+    """Reference: every gene token's dense SAE activations [cells, genes, features], computed directly."""
+    out = []
+    for batch in model.prepare(adata, batch_size=32):
+        h = model.forward(batch, layer=layer).hidden[:, :-1]  # drop the special token (gene id -1)
+        code = sae.encode(h.reshape(-1, h.shape[-1]))
+        z = torch.zeros(code.indices.shape[0], sae.W_enc.shape[0]).scatter_(1, code.indices, code.values)
+        out.append(z.reshape(h.shape[0], h.shape[1], -1))
+    return torch.cat(out).detach().double().numpy()
+
+
 def test_interpret_sae_end_to_end(pbmc, tmp_path):
+    """Features planted on the genes of 6 GO terms find their terms; F, the per-cell pools, the enriched shares
+    and the printed summary equal direct recomputations."""
     rng = np.random.default_rng(1)
     a = pbmc[:, :].copy()
     genes_all = list(a.var_names)
-    go, terms = planted_terms(genes_all, 6, rng, 8, 40)
-    # the model's vocabulary: genes of the planted terms + some others, all in the data
-    vocab = list(dict.fromkeys([g for t in terms for g in go[t] if g in set(genes_all)]
+    expressed = [g for g, n in zip(genes_all, (a.X > 0).sum(0).A1) if n >= 0.3 * a.n_obs]
+    go, terms = planted_terms(expressed, 6, rng, 8, 40)
+    # the model's vocabulary: the planted terms' expressed genes + some others, all in the data
+    vocab = list(dict.fromkeys([g for t in terms for g in go[t] if g in set(expressed)]
                                + list(rng.choice(genes_all, 150, replace=False))))
     model = FakeModel(vocab, d=24)
-    # feature i = mean embedding direction of term i's genes; extra features are random directions
-    W = [model.E[[vocab.index(g) for g in go[t] if g in vocab]].mean(0) for t in terms]
-    W = torch.stack(W + [torch.randn(24) for _ in range(10)])
-    sae = FakeSAE(W / W.norm(dim=1, keepdim=True), k=4)
+    # term i's (expressed) genes share a direction u_i of the residual stream; feature i reads u_i, 10 more read noise
+    U = torch.linalg.qr(torch.randn(24, 16, generator=torch.Generator().manual_seed(0)))[0].T
+    for i, t in enumerate(terms):
+        model.E[[vocab.index(g) for g in go[t] if g in set(expressed)]] += 4 * U[i]
+    sae = FakeSAE(U.clone(), k=4)
     res = interpret_sae(sae, model, a, layer=1, gene_filter="none", label_keys=["cell_type"], ica_sample=2000)
-    s = res.summary
+    s, f = res.summary, res.features
     assert s["n_features"] == 16 and s["n_cells"] == 160 and s["n_tokens"] == 160 * len(vocab)
-    assert set(res.bases.basis) == {"sae", "raw", "ica"}
-    assert 0 <= s["share_enriched_sae"] <= 1 and len(res.features) == 16
-    assert res.adata.obsm["X_sae_max"].shape == (160, 16) and res.adata.obsm["X_sae_mean"].shape == (160, 16)
-    assert set(res.cell_association.key) == {"cell_type"} and res.cell_association.ami.between(-1, 1).all()
-    assert res.F.shape == (16, len(res.genes))
+    for i, t in enumerate(terms):  # each planted feature finds its term
+        assert t in set(res.enrichment[(res.enrichment.basis == "sae") & (res.enrichment.feature == i)].term)
+    # F (mean activation of each feature at each gene's token) and the per-cell max / mean pools
+    Z = dense_codes(sae, model, a)
+    col = [vocab.index(g) for g in res.genes]
+    np.testing.assert_allclose(res.F, Z.mean(0)[col].T, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res.adata.obsm["X_sae_max"], Z.max(1), rtol=1e-5)
+    np.testing.assert_allclose(res.adata.obsm["X_sae_mean"], Z.mean(1), rtol=1e-5)
+    # enriched shares: the features with a significant term in the enrichment table, per basis
+    for r in res.bases.itertuples():
+        sig = res.enrichment[(res.enrichment.basis == r.basis) & (res.enrichment.q_value < 0.05)].feature.nunique()
+        assert r.n_enriched == sig and r.share_enriched == sig / r.n_features == s[f"share_enriched_{r.basis}"]
+    assert dict(zip(res.bases.basis, res.bases.n_features)) == {"sae": 16, "raw": 24, "ica": 24}
+    assert (f.n_sig > 0).sum() == res.bases.set_index("basis").n_enriched["sae"]
+    assert isinstance(s["ica_converged"], bool)
     text = format_summary(res)
-    assert "SAE features" in text and "raw" in text and "ica" in text
+    for r in res.bases.itertuples():
+        assert f"{r.basis:>4}: {r.n_enriched}/{r.n_features} features with >= 1 significant term" in text
+    assert ("reached its 200-iteration limit" in text) == (not s["ica_converged"])
+    assert set(res.cell_association.key) == {"cell_type"}
     with pytest.raises(UserError, match="feature 99 is out of range"):
         format_summary(res, features=[99])
     paths = write_results(res, tmp_path / "out")
-    assert all(p.exists() for p in paths)
     back = ad.read_h5ad(tmp_path / "out" / "annotated.h5ad")
     np.testing.assert_allclose(back.obsm["X_sae_max"], res.adata.obsm["X_sae_max"])
     table = paths[0]
     df = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table)
-    assert len(df) == 16
+    assert df.n_sig.tolist() == f.n_sig.tolist()
+    assert df.best_term.fillna("").astype(str).tolist() == f.best_term.fillna("").astype(str).tolist()
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_ica_convergence_is_reported():
+    """FastICA's ConvergenceWarning is counted into the summary, not hidden: Gaussian data has no independent
+    components to converge to; a Laplace mixture does."""
+    from sae_fast.interpret.pipeline import _ica
+
+    rng = np.random.default_rng(0)
+    F_raw = rng.random((8, 30))
+    assert _ica(rng.normal(size=(2000, 8)), F_raw, 0)[1] is False
+    assert _ica(rng.laplace(size=(2000, 8)) @ rng.normal(size=(8, 8)).T, F_raw, 0)[1] is True
 
 
 def test_interpret_sae_rejects_mismatched_d(pbmc):

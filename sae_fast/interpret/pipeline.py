@@ -200,6 +200,8 @@ def interpret_sae(sae, model, adata, layer: int, *, config: InterpretConfig | No
     res = acc.result()
     F = res.F[:, bg_idx]
 
+    ica_converged = None
+
     def annotate(M):  # the identical pipeline for every basis
         return annotate_matrix(M, genes, sets, rule=cfg.top_rule, s=cfg.s, clip=(cfg.clip_min, cfg.clip_max),
                                alpha=cfg.alpha, library=lib)
@@ -210,7 +212,8 @@ def interpret_sae(sae, model, adata, layer: int, *, config: InterpretConfig | No
         if "raw" in cfg.baselines:
             ann["raw"] = annotate(F_raw)
         if "ica" in cfg.baselines:
-            ann["ica"] = annotate(ica_matrix(sample.rows.numpy(), F_raw, seed=cfg.seed)[0])
+            F_ica, ica_converged = _ica(sample.rows.numpy(), F_raw, cfg.seed)
+            ann["ica"] = annotate(F_ica)
     comp = compare_bases({k: a.features for k, a in ann.items()})
     enrichment = pd.concat([a.enrichment.assign(basis=k) for k, a in ann.items()], ignore_index=True)
 
@@ -243,6 +246,7 @@ def interpret_sae(sae, model, adata, layer: int, *, config: InterpretConfig | No
         **{f"share_enriched_{r.basis}": r.share_enriched for r in comp.table.itertuples()},
         "mannwhitney_max_ic_u": comp.mannwhitney_u, "mannwhitney_max_ic_p": comp.mannwhitney_p,
         "n_components": len(graph.components), "label_keys": keys,
+        **({} if ica_converged is None else {"ica_converged": ica_converged, "ica_max_iter": ICA_MAX_ITER}),
     }
     adata.uns["sae_interpret"] = {k: (v if not isinstance(v, float) or math.isfinite(v) else "nan")
                                   for k, v in summary.items() if not isinstance(v, list)}
@@ -284,6 +288,22 @@ def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+ICA_MAX_ITER = 200
+
+
+def _ica(sample: np.ndarray, F_raw: np.ndarray, seed: int) -> tuple[np.ndarray, bool]:
+    """The ICA baseline's F and whether FastICA converged within ICA_MAX_ITER iterations (its
+    ConvergenceWarning is caught and counted, not shown mid-progress-bar nor hidden)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        F_ica = ica_matrix(sample, F_raw, seed=seed, max_iter=ICA_MAX_ITER)[0]
+    return F_ica, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
 def format_summary(result: InterpretResult, features: list[int] | None = None, n_examples: int = 3) -> str:
     """A short text summary: enriched shares per basis, the Mann-Whitney test on max IC, a few example
     features (given, or the most significant ones with distinct best terms) with their top genes and terms."""
@@ -294,6 +314,9 @@ def format_summary(result: InterpretResult, features: list[int] | None = None, n
     for r in result.bases.itertuples():
         lines.append(f"  {r.basis:>4}: {r.n_enriched}/{r.n_features} features with >= 1 significant term "
                      f"({100 * r.share_enriched:.1f}%), median max IC {r.median_max_ic:.2f}")
+    if s.get("ica_converged") is False:
+        lines.append(f"  ica: FastICA reached its {s['ica_max_iter']}-iteration limit without converging; its "
+                     "components are approximate")
     if math.isfinite(s.get("mannwhitney_max_ic_p", float("nan"))):
         lines.append(f"  Mann-Whitney U on max IC, SAE vs raw neurons: U = {s['mannwhitney_max_ic_u']:.0f}, "
                      f"p = {s['mannwhitney_max_ic_p']:.3g}")

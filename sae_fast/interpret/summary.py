@@ -102,18 +102,15 @@ def ica_matrix(sample, F_raw, *, n_components: int | None = None, seed: int = 0,
     FastICA (unit-variance whitening) finds unmixing W and mean mu on the sample; component c at token x is
     (W (x - mu))_c, so its mean at gene g is W (F_raw[:, g] - mu). Components are oriented so that their
     skew on the sample is positive (the heavy tail is the 'active' side). Returns (F_ica, W, mu)."""
-    import warnings
-
     from sklearn.decomposition import FastICA
-    from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits
 
     sample = np.asarray(sample, np.float64)
     n_components = min(n_components or sample.shape[1], sample.shape[1], sample.shape[0])
     ica = FastICA(n_components=n_components, whiten="unit-variance", random_state=seed, max_iter=max_iter)
-    # one BLAS thread: FastICA's many small eigh / matmul calls run ~20x slower with oversubscribed threads
-    with warnings.catch_warnings(), threadpool_limits(1):
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    # one BLAS thread: FastICA's many small eigh / matmul calls run ~20x slower with oversubscribed threads.
+    # A ConvergenceWarning (max_iter reached) is left to the caller: interpret_sae counts it in its summary.
+    with threadpool_limits(1):
         S = ica.fit_transform(sample)
     W, mu = ica.components_, ica.mean_
     skew = ((S - S.mean(0)) ** 3).mean(0)
