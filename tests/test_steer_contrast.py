@@ -14,7 +14,7 @@ from test_steer_core import N_GENES, _aido, _counts, _sae
 
 from sae_fast.errors import UserError
 from sae_fast.steer import Scale, contrast, steer
-from sae_fast.steer.contrast import gap_analysis
+from sae_fast.steer.contrastive import gap_analysis
 
 LAYER = 1
 

@@ -1,6 +1,6 @@
 """`sae-fast bench contrast`: one epoch of contrastive steering on the cached prefix against full forwards.
 
-Ours = one epoch of `sae_fast.steer.contrast`'s optimisation: the source cells' block-L outputs and SAE codes
+Ours = one epoch of `sae_fast.steer.contrastive`'s optimisation: the source cells' block-L outputs and SAE codes
 were computed once (outside the timing: they serve all 100 epochs), and every step runs blocks L+1.. forward
 and backward. Reference = what [Y]'s code does each step: a full forward with the Scale edit as a hook on block
 L (the SAE encode inside the hook), then the backward. Same cells, batches of 4, loss, Adam; the model's
@@ -24,7 +24,7 @@ from sae_fast.benchmarks.common import device_name, record
 def _reference_epoch(prob, features: list[int], train: np.ndarray, adata, src: np.ndarray) -> None:
     from torch import nn
 
-    from sae_fast.steer.contrast import frozen
+    from sae_fast.steer.contrastive import frozen
     from sae_fast.steer.interventions import encode, scale_delta
 
     sae, model, cfg, layer = prob.sae, prob.model, prob.cfg, prob.layer
@@ -50,7 +50,7 @@ def _reference_epoch(prob, features: list[int], train: np.ndarray, adata, src: n
 def run(quick: bool = False) -> list[dict]:
     from sae_fast import utils
     from sae_fast.benchmarks.steer import setup
-    from sae_fast.steer.contrast import ContrastConfig, _Problem
+    from sae_fast.steer.contrastive import ContrastConfig, _Problem
 
     model, sae, adata, layer, size = setup(quick)
     if not quick:

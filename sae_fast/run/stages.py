@@ -193,6 +193,7 @@ STAGES: list[Stage] = [
     Stage("evaluate", evaluate, summary=summary.sae_block),
     Stage("interpret", interpret, check=check_interpret, summary=summary.interpret_block),
     # optional stages with their own config section go here, one line each: _plugin("steer"),
+    _plugin("steer"),
     _plugin("debatch"),
     Stage("summary", summary.write_summary),
     _plugin("report"),  # last: the page holds summary.txt and every other stage's timing

@@ -50,7 +50,7 @@ from sae_fast.config import option
 from sae_fast.errors import UserError
 from sae_fast.models.base import CellBatch
 from sae_fast.ops import SparseCode
-from sae_fast.steer.deg import deg_table
+from sae_fast.steer.de import deg_table
 from sae_fast.steer.interventions import Scale, check_features, encode, scale_delta
 from sae_fast.steer.runner import (
     SteerPass,
