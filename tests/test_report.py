@@ -221,6 +221,7 @@ def test_demo_report_in_chromium(demo_dir, browser, tmp_path):
     text = page.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", text), "a link to the network"
     assert "<link" not in text and "@import" not in text and "url(" not in text
+    assert 'class="error"' not in text  # every section drew
 
     seconds = browser.open(page)
     assert seconds <= 10, f"rendered in {seconds:.1f} s"
@@ -414,6 +415,18 @@ def test_report_without_stages(demo_dir, tmp_path):
     assert ids[:2] == ["metrics", "interpretation"] and "features" in ids and "training" not in ids, ids
     srcs = re.findall(r'<img[^>]* src="([^"]*)"', text)
     assert srcs and all(s.startswith("data:image/png;base64,") and len(s) > 1000 for s in srcs)
+
+
+def test_a_table_it_cannot_draw_leaves_a_note_not_a_crash(tmp_path, capsys):
+    run = tmp_path / "odd"
+    (run / "tables").mkdir(parents=True)
+    (run / "tables" / "sae_metrics.json").write_text('{"fvu": 0.1, "l0": 8}')
+    pd.DataFrame({"dist_pre": ["near", "far"], "dist_post": ["x", "y"]}).to_csv(run / "tables" /
+                                                                               "contrast_cells.csv", index=False)
+    text = render_report(run)
+    assert re.findall(r'<section id="([^"]+)"', text) == ["metrics", "steering"]
+    assert '<p class="error">This section could not be drawn' in text and "closer fraction" not in text
+    assert "section 'Steering' left out" in capsys.readouterr().err
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path):

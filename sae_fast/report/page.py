@@ -408,9 +408,9 @@ def violin_data(cell_max: np.ndarray, labels: np.ndarray, chunk: int = 2048) -> 
 
 
 def browser_section(feats: pd.DataFrame | None, enr: pd.DataFrame | None, top_acts: pd.DataFrame | None,
-                    adata, keys: list[str], ami: dict) -> tuple[dict | None, str]:
+                    adata, keys: list[str], ami: dict) -> dict | None:
     if feats is None or "feature" not in feats:
-        return None, ""
+        return None
     feats = feats.reset_index(drop=True)
     n = len(feats)
     sae_enr = None
@@ -488,7 +488,7 @@ def browser_section(feats: pd.DataFrame | None, enr: pd.DataFrame | None, top_ac
     intro = ("Every SAE feature. Type to filter (genes, GO term names, a feature number); click a column header "
              "to sort; click a row for the feature's page. AMI: the best adjusted mutual information of the "
              "feature (on / off per cell, best threshold) with one value of the label, as in Pedrocchi et al.")
-    return section("features", "Feature browser", body + script, intro=intro), ct_key or ""
+    return section("features", "Feature browser", body + script, intro=intro)
 
 
 # ------------------------------------------------------------------------------- overlap, association
@@ -660,23 +660,25 @@ def render(run_dir) -> str:
             ami = association_scores(np.asarray(adata.obsm["X_sae_max"], np.float32), adata.obs, keys)
     extras = {"n_features": ((state or {}).get("done") or {}).get("train", {}).get("n_features"), "tiles": []}
     cells = run.table("contrast_cells")
-    if cells is not None and {"dist_pre", "dist_post"} <= set(cells.columns) and len(cells):
+    if cells is not None and {"dist_pre", "dist_post"} <= set(cells.columns) and len(cells) and all(
+            pd.api.types.is_numeric_dtype(cells[c]) for c in ("dist_pre", "dist_post")):
         extras["tiles"].append(("closer fraction", f"{100 * (cells['dist_post'] < cells['dist_pre']).mean():.0f}%",
                                 "contrastive steering"))
-    browser, _ = browser_section(feats, enr, run.table("top_genes"), adata, keys, ami)
     umaps = {*run.path.glob("figures/umap_*.png")}
-    sections = [s for s in (
-        metrics_section(metrics, state),
-        training_section(run, cfg, log),
-        interpretation_section(run, feats, enr, summary),
-        browser,
-        overlap_section(run, feats, cfg),
-        association_section(assoc, ami, keys),
-        steering_section(run),
-        debatch_section(run),
-        other_figures_section(run, umaps),
-        run_section(run, cfg, state, log),
-    ) if s is not None]
+    builders = [
+        ("metrics", "SAE metrics", lambda: metrics_section(metrics, state)),
+        ("training", "Training", lambda: training_section(run, cfg, log)),
+        ("interpretation", "Interpretation", lambda: interpretation_section(run, feats, enr, summary)),
+        ("features", "Feature browser", lambda: browser_section(feats, enr, run.table("top_genes"), adata, keys,
+                                                                ami)),
+        ("overlap", "Overlap graph", lambda: overlap_section(run, feats, cfg)),
+        ("association", "Cell-level association", lambda: association_section(assoc, ami, keys)),
+        ("steering", "Steering", lambda: steering_section(run)),
+        ("debatch", "Batch removal", lambda: debatch_section(run)),
+        ("figures", "Other figures", lambda: other_figures_section(run, umaps)),
+        ("run", "Run", lambda: run_section(run, cfg, state, log)),
+    ]
+    sections = [s for s in (_guarded(*b) for b in builders) if s is not None]
     text = run.text("summary.txt")
     if text:
         sections.append(section("summary", "Printed summary", f"<pre>{esc(text.rstrip())}</pre>",
@@ -701,6 +703,22 @@ def render(run_dir) -> str:
             f'<main class="wrap">{body}</main><footer class="wrap">Made by sae-fast {esc(__version__)} on {when} '
             f"from {esc(Path(run_dir).resolve())}. Self-contained: no file or network access needed to view it."
             f"</footer><script>{JS}</script></body></html>")
+
+
+def _guarded(sid: str, title: str, build) -> dict | None:
+    """One section; if its files hold something it cannot draw, the page says so in that section (and on
+    stderr) instead of failing as a whole: the report is the last stage of a run and reads any folder."""
+    try:
+        return build()
+    except UserError:
+        raise
+    except Exception as e:  # shown on the page and on stderr, never silent
+        import sys
+
+        msg = f"{e.__class__.__name__}: {e}"
+        print(f"sae-fast report: section {title!r} left out: {msg}", file=sys.stderr)
+        return section(sid, title, f'<p class="error">This section could not be drawn from the folder\'s files: '
+                       f"{esc(msg)}</p>")
 
 
 def write(run_dir, out=None) -> Path:
@@ -751,6 +769,7 @@ background:var(--bg)}
 header{background:#17324f;color:#fff;padding:18px 0 0}
 header h1{margin:0;font-size:22px;font-weight:600}
 header .sub{margin:2px 0 10px;color:#bcd0e6}
+.error{background:#fdecea;color:#8a1f11;border-radius:6px;padding:8px 12px}
 .banner{background:#fff6d9;color:#5c4500;border-radius:6px;padding:7px 12px;margin:6px 0 12px;font-size:13px}
 .tiles{display:flex;flex-wrap:wrap;gap:10px;padding-bottom:14px}
 .tile{background:rgba(255,255,255,.09);border-radius:8px;padding:8px 14px;min-width:118px}
