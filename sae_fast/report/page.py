@@ -699,7 +699,7 @@ def render(run_dir) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>{esc(title)}</title><style>{CSS}</style></head>'
             f'<body><header><div class="wrap"><h1>{esc(title)}</h1><p class="sub">{sub}</p>{banner}'
-            f'{overview(run, cfg, metrics, summary, extras)}</div><nav class="wrap">{nav}</nav></header>'
+            f'{overview(run, cfg, metrics, summary, extras)}</div></header><nav><div class="wrap">{nav}</div></nav>'
             f'<main class="wrap">{body}</main><footer class="wrap">Made by sae-fast {esc(__version__)} on {when} '
             f"from {esc(Path(run_dir).resolve())}. Self-contained: no file or network access needed to view it."
             f"</footer><script>{JS}</script></body></html>")
@@ -774,11 +774,13 @@ header .sub{margin:2px 0 10px;color:#bcd0e6}
 .tiles{display:flex;flex-wrap:wrap;gap:10px;padding-bottom:14px}
 .tile{background:rgba(255,255,255,.09);border-radius:8px;padding:8px 14px;min-width:118px}
 .tv{font-size:20px;font-weight:600}.tl{font-size:12px;color:#cfe0f2}.tn{font-size:11px;color:#9fb8d2}
-nav{display:flex;flex-wrap:wrap;gap:4px;padding-bottom:10px}
+nav{position:sticky;top:0;z-index:5;background:#17324f;padding:0 0 10px;box-shadow:0 2px 4px rgba(0,0,0,.12)}
+nav .wrap{display:flex;flex-wrap:wrap;gap:4px}
 nav a{color:#dfeaf6;text-decoration:none;font-size:13px;padding:3px 10px;border-radius:12px;
 background:rgba(255,255,255,.08)}
 nav a:hover{background:rgba(255,255,255,.2)}
-section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:16px 20px;margin:16px 0}
+section{scroll-margin-top:48px;background:var(--card);border:1px solid var(--line);border-radius:10px;
+padding:16px 20px;margin:16px 0}
 h2{margin:0 0 8px;font-size:18px}h3{font-size:14px;margin:16px 0 6px}
 .intro{color:var(--mute);margin:0 0 12px;max-width:980px}.note{color:var(--mute);font-size:12px}
 img.fig{max-width:100%;height:auto;display:block;margin:6px 0}
