@@ -9,7 +9,7 @@ F=512) is trained on block `--layer`'s tokens (256 sampled per cell, [P]) of a d
 (--train-cells), then sae_fast.steer.debatch runs n in {0, 10, 20, 50}, c = -2, random seeds 42, 43, 44.
 These are `mini`'s numbers (a 4-block model pretrained on 360 bundled cells), not scGPT's or scFoundation's.
 
-    python bench/debatch_mini.py [--cells 600] [--train-cells 600] [--out bench/results]
+    python bench/debatch_mini.py [--cells 600] [--train-cells 600] [--epochs 10] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def split(adata, key: str, n_score: int, n_train: int, seed: int = 0):
     return adata[np.sort(np.concatenate(score))].copy(), adata[np.sort(np.concatenate(train))].copy()
 
 
-def train_sae(model, adata, layer: int, seed: int = 0):
+def train_sae(model, adata, layer: int, epochs: int, seed: int = 0):
     """[P]'s SAE: BatchTopK k=10, F=512, 256 tokens sampled per cell, batches of 4096 tokens, lr 1e-3."""
     from sae_fast.activations.fused import fused_source
     from sae_fast.sae.train import train_sae as train
 
     tokens = list(fused_source(model, adata, layer, tokens="sample:256", batch_size=4096, seed=seed))
-    return train(tokens, arch="batchtopk", k=10, n_features=512, lr=1e-3, epochs=10, batch_size=4096, seed=seed,
+    return train(tokens, arch="batchtopk", k=10, n_features=512, lr=1e-3, epochs=epochs, batch_size=4096, seed=seed,
                  log_every=10_000)
 
 
@@ -51,7 +51,7 @@ def experiment(name, adata, batch_key, args, model):
 
     score, train = split(adata, batch_key, args.cells, args.train_cells)
     t0 = time.perf_counter()
-    sae = train_sae(model, train, args.layer)
+    sae = train_sae(model, train, args.layer, args.epochs)
     t_train = time.perf_counter() - t0
     res = debatch(sae, model, score, args.layer, batch_key=batch_key, label_key="cell_type",
                   n_features=[0, 10, 20, 50], clamp=[-2.0], seeds=[42, 43, 44], umap_n=[20])
@@ -74,6 +74,7 @@ def main():
     p.add_argument("--cells", type=int, default=600)
     p.add_argument("--train-cells", type=int, default=600)
     p.add_argument("--layer", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--only", choices=["kang", "tech"])
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()

@@ -10,7 +10,7 @@ from importlib import import_module
 from sae_fast import __version__, utils
 from sae_fast.errors import UserError
 
-COMMANDS = ["demo", "run", "extract", "train", "interpret", "report", "debatch", "steer", "bench"]
+COMMANDS = ["demo", "run", "extract", "train", "interpret", "report", "debatch", "layers", "steer", "bench"]
 
 EPILOG = """\
 Start with `sae-fast demo`: the whole story (model -> SAE -> GO interpretation) on the embedded mini model and

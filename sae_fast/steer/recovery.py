@@ -100,7 +100,8 @@ class LayersConfig:
     ami_threshold: float = option(0.1, "a feature counts for a label when its [P] AMI (one vs rest, max over "
                                   "thresholds and values) exceeds this")
     tokens: str = option("sample:256", "training tokens per cell ([P]: sample:256; all = every gene token)")
-    seed: int = option(0, "seed of the held-out split (and of the SAE's training)")
+    max_cells: int | None = option(None, "use a random subset of this many cells (seeded; None = all)")
+    seed: int = option(0, "seed of the cell subset, the held-out split and the SAE's training")
     batch_size: int = option(8, "cells per forward batch")
 
 
@@ -130,6 +131,8 @@ def layer_curve(model, adata, *, config: LayersConfig | None = None, train=None,
         model.check_layer(L)
     if adata.n_obs < 4:
         raise UserError(f"layer curves need at least 4 cells; got {adata.n_obs}")
+    if cfg.max_cells is not None and cfg.max_cells < adata.n_obs:
+        adata = adata[np.sort(np.random.default_rng(cfg.seed).choice(adata.n_obs, cfg.max_cells, replace=False))]
     keys = [k for k in cfg.label_keys if k in adata.obs and adata.obs[k].nunique() >= 2]
     tr, ho = heldout_split(adata.n_obs, cfg.heldout, cfg.seed)
     train_cells, held = adata[tr].copy(), adata[ho].copy()
