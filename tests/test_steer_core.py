@@ -222,6 +222,27 @@ def test_resume_continues_from_the_saved_state(aido, tmp_path):
     np.testing.assert_allclose(resumed.var["m2_diff"], full.var["m2_diff"], rtol=1e-12, atol=1e-15)
 
 
+def test_rank_split_merges_to_the_full_run(aido):
+    """Each rank steers its block of cells; rank 0's merge (what the torchrun gather does) is the full run."""
+    model, adata, sae = aido
+    f = _active_feature(sae, model, adata, 1)
+    arms = {"steered": Scale({f: 3.0})}
+    full = run_pass(sae, model, adata, arms, 1, compare=[("steered", "base")], batch_size=3)
+    parts = [run_pass(sae, model, adata, arms, 1, compare=[("steered", "base")], batch_size=3, rank=r,
+                      world_size=3) for r in range(3)]
+    assert [(p.lo, p.hi) for p in parts] == [(0, 3), (3, 6), (6, 10)]
+    for p in parts[1:]:
+        parts[0].absorb(p)
+    merged = parts[0]
+    for k in ("base", "steered"):
+        assert np.array_equal(merged.emb[k], full.emb[k])
+    for a, b in ((merged.diffs[("steered", "base")], full.diffs[("steered", "base")]),
+                 (merged.stats["base"], full.stats["base"])):
+        assert np.array_equal(a.n, b.n)
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(a.m2, b.m2, rtol=1e-9, atol=1e-15)
+
+
 def test_bad_input_one_line_nothing_written(aido, tmp_path):
     model, adata, sae = aido
     for iv, culprit in ((Scale({10_000: 2.0}), "feature 10000"), (Clamp([64]), "feature 64"),

@@ -297,7 +297,9 @@ def run_pass(sae, model, adata, arms: Mapping[str, Intervention], layer: int, *,
             if state_path is not None and i % checkpoint_every == 0 and p.done < hi:
                 _save_state(state_path, p, key)
     bar.close()
-    if world_size > 1:
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
         p = _gather(p, rank, world_size)
     if state_path is not None and state_path.exists():
         state_path.unlink()
