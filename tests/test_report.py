@@ -344,6 +344,12 @@ def synthetic_steering(folder: Path) -> dict:
         t / "contrast_gap.csv", index=False)
     pd.DataFrame({"feature": np.arange(40), "alpha": rng.normal(1, 0.4, 40)}).to_csv(t / "contrast_alphas.csv",
                                                                                      index=False)
+    pd.DataFrame({"epoch": np.arange(1, 11), "loss": np.linspace(3, 1, 10), "control_loss": np.linspace(3, 2.5, 10)}
+                 ).to_csv(t / "contrast_history.csv", index=False)
+    pd.DataFrame({"term": ["GO:0006412"], "name": ["translation"], "alpha_up": [5.0], "alpha_down": [-5.0]}).to_csv(
+        t / "alpha_sweep_flipped.csv", index=False)
+    (t / "steer_summary.json").write_text(json.dumps({"source": "CD4 T", "target": "CD8 T", "closer_fraction": 0.7833,
+                                                      "control_closer_fraction": 0.55, "gap_binom_p_up": 1e-5}))
     rows = [{"n": 0, "c": np.nan, "selector": "unsteered", "seed": None, "embedding": "unsteered", "bio": 0.6,
              "batch": 0.4, "total": 0.52},
             {"n": np.nan, "c": np.nan, "selector": "unintegrated", "seed": None, "embedding": "unintegrated",
@@ -382,12 +388,16 @@ def test_steering_and_debatch_sections(demo_dir, browser, tmp_path):
     browser.open(page)
     sections = browser.js("[...document.querySelectorAll('main section')].map(s => s.id)")
     assert {"steering", "debatch", "features"} <= set(sections), sections
-    alts = {a for a, *_ in check_images(browser, min_count=12)}
+    alts = {a for a, *_ in check_images(browser, min_count=13)}
     assert {"alpha sweep", "closer fraction", "learned alphas", "gap fractions", "cumulative share by effect size",
+            "contrastive loss",
             "scIB scores against clamped features", "UMAP unsteered", "UMAP clamp n20"} <= alts, alts
     body = browser.js("document.body.innerText")
     assert f"moved toward the target: {100 * want['up']:.1f}% of" in body
     assert "Features with |alpha - 1| > 0.3" in body and "unintegrated" in body
+    assert "Terms that flip sides (1)" in body and "CD4 T → CD8 T" in body
+    assert re.search(r"closer fraction, all source cells\s+78.3%\s+\[Y\]: 81%", body), body[:3000]
+    assert re.search(r"control \(random features\), all cells\s+55.0%", body)
     browser.click("#ft tbody tr[data-f='0']")
     bars = browser.js("[...document.querySelectorAll('#panel .gbar')].map(b => b.innerText.replace(/\\s+/g, ' '))")
     assert bars[:3] == ["GENE_B 2.25", "GENE_C 1.00", "GENE_A 0.500"], bars

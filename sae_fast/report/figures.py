@@ -330,6 +330,21 @@ def contrast_alphas(df: pd.DataFrame, col: str = "alpha", threshold: float = 0.3
     return fig
 
 
+def contrast_history(df: pd.DataFrame):
+    """The contrastive-steering loss per epoch, and the random-feature control's when present."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.9, 2.7))
+    ax.plot(df["epoch"], df["loss"], color=COLORS["sae"], lw=1.4, label="annotated features")
+    if "control_loss" in df:
+        ax.plot(df["epoch"], df["control_loss"], color=COLORS["random"], lw=1.4, label="random features (control)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Contrastive steering loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def debatch_curves(df: pd.DataFrame):
     """scIB scores (batch, bio, total) against the number of clamped features, one row of panels per clamp value
     c: each selector (the top batch features by AMI, random sets: mean +- sd over their seeds) as a line; the

@@ -563,6 +563,11 @@ def steering_section(run: RunDir) -> dict | None:
         parts.append("<h3>Alpha sweep</h3><p class='intro'>Feature scaled by alpha inside the forward pass: "
                      "significant DEGs of the steered predictions (paired t-test, Bonferroni) and the top GO terms "
                      "of each side (Table 1 of Yanovsky &amp; Chernomoretz).</p>" + fig + table_html(sweep))
+        flipped = run.table("alpha_sweep_flipped")
+        if flipped is not None and len(flipped):
+            parts.append(f"<h3>Terms that flip sides ({len(flipped)})</h3><p class='intro'>Enriched among the "
+                         "genes up at one alpha and among the genes down at an alpha of the other sign.</p>"
+                         + table_html(flipped, max_rows=60))
     cells = run.table("contrast_cells")
     gap = run.table("contrast_gap")
     alphas = run.table("contrast_alphas")
@@ -577,6 +582,9 @@ def steering_section(run: RunDir) -> dict | None:
         row.append(img(figs.data_uri(figs.gap_distributions(gap)), "gap fractions"))
         if {"effect", "effect_size"} & set(gap.columns) or {"src", "tgt"} <= set(gap.columns):
             row.append(img(figs.data_uri(figs.gap_cumulative(gap)), "cumulative share by effect size"))
+    history = run.table("contrast_history")
+    if history is not None and len(history) and {"epoch", "loss"} <= set(history.columns):
+        row.append(img(figs.data_uri(figs.contrast_history(history)), "contrastive loss"))
     if row:
         text = []
         if cells is not None and {"dist_pre", "dist_post"} <= set(cells.columns):
@@ -592,7 +600,8 @@ def steering_section(run: RunDir) -> dict | None:
         parts.append("<h3>Contrastive steering</h3><p class='intro'>Alphas learned so that source cells' embeddings "
                      "move toward the target's mean" + (": " + esc("; ".join(text)) if text else "") + ". Gap "
                      "fraction per gene (s - src) / (tgt - src): 0 = unmoved, 1 = at the target; correct = moved "
-                     "toward the target.</p>" + '<div class="figrow">' + "".join(row) + "</div>")
+                     "toward the target.</p>" + _steer_facts(run.json("tables/steer_summary.json"))
+                     + '<div class="figrow">' + "".join(row) + "</div>")
         if alphas is not None and "alpha" in alphas:
             far = alphas[(alphas["alpha"] - 1).abs() > 0.3]
             if len(far):
@@ -601,6 +610,30 @@ def steering_section(run: RunDir) -> dict | None:
     if not parts:
         return None
     return section("steering", "Steering", "".join(parts))
+
+
+STEER_FACTS = {  # steer_summary.json keys -> label, format; [Y]'s numbers are AIDO.Cell-100M, CD4 T -> CD8 T
+    "closer_fraction": ("closer fraction, all source cells", "{:.1%}", "[Y]: 81%"),
+    "closer_fraction_heldout": ("closer fraction, held-out cells", "{:.1%}", "not in [Y]"),
+    "control_closer_fraction": ("control (random features), all cells", "{:.1%}", ""),
+    "control_closer_fraction_heldout": ("control (random features), held-out", "{:.1%}", ""),
+    "gap_share_correct_up": ("genes up in target moved correctly", "{:.1%}", "[Y]: 70%"),
+    "gap_share_correct_down": ("genes down in target moved correctly", "{:.1%}", "[Y]: 65%"),
+    "gap_binom_p_up": ("binomial p (one-sided, vs 0.5), up", "{:.2g}", ""),
+    "gap_binom_p_down": ("binomial p (one-sided, vs 0.5), down", "{:.2g}", ""),
+    "gap_median_gap": ("median gap fraction", "{:.3f}", ""),
+    "n_changed": ("features with |alpha - 1| > 0.3", "{:,.0f}", ""),
+}
+
+
+def _steer_facts(facts: dict | None) -> str:
+    """The headline numbers of contrastive steering (tables/steer_summary.json), beside [Y]'s."""
+    items = [(label, fmt(facts[k], spec), ref) for k, (label, spec, ref) in STEER_FACTS.items()
+             if facts and _finite(facts.get(k))]
+    if not items:
+        return ""
+    where = f" ({esc(facts.get('source'))} &rarr; {esc(facts.get('target'))})" if facts.get("source") else ""
+    return f"<p class='note'>Headline numbers{where}; [Y]'s are AIDO.Cell-100M's.</p>" + kv_table(items)
 
 
 def debatch_section(run: RunDir) -> dict | None:
