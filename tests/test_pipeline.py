@@ -205,3 +205,31 @@ def test_resume_survives_a_torn_metrics_line(tmp_path):
     log.write_text('{"step": 50, "fvu": 0.5}\n{"step": 100, "fvu": 0.4}\n{"step": 150, "fvu": 0.3}\n{"step": 2')
     _trim_log(log, 100)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [50, 100]
+
+
+def test_fixed_threads_make_the_run_independent_of_the_ambient_setting(tmp_path, monkeypatch):
+    """[run] threads fixes the CPU threads of every stage (reductions split over threads round differently),
+    so two runs of one config agree bitwise whatever the process was set to, and the setting comes back.
+    (Extraction, training and evaluation only: interpretation reads the same numbers.)"""
+    import torch
+    from safetensors.numpy import load_file
+
+    from sae_fast.run import stages
+
+    monkeypatch.setattr(stages, "STAGES", [s for s in stages.STAGES if s.name != "interpret"])
+    cfg_path = tiny(tmp_path, cells=12, epochs=2)
+    before = torch.get_num_threads()
+    weights, summaries = [], []
+    try:
+        for ambient in (1, 3):
+            torch.set_num_threads(ambient)
+            result = run_pipeline(load_config(cfg_path, ["run.threads=2"]), tmp_path / f"t{ambient}")
+            assert torch.get_num_threads() == ambient
+            weights.append(load_file(tmp_path / f"t{ambient}" / "sae" / "sae_weights.safetensors"))
+            summaries.append([line for line in result.summary.splitlines()
+                              if not line.startswith(("finished in", "run folder"))])
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+    assert summaries[0] == summaries[1]

@@ -74,6 +74,9 @@ class RunSection:
     out: str | None = option(None, "run folder (default: runs/<config name>); the CLI's --out overrides it")
     sae: str | None = option(None, "evaluate and interpret this trained SAE folder (sae_fast.load_sae) "
                              "instead of training one")
+    threads: int | None = option(None, "CPU threads for torch, BLAS and numba during the run (None: all cores); "
+                                 "the float results depend on it, so fix it to compare runs across machines",
+                                 bounds="[1, inf)")
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -82,13 +83,41 @@ def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Con
     return ctx
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run the block with n CPU threads in torch, the BLAS libraries and numba (None: leave them alone); the
+    previous settings come back afterwards. Reductions split over threads round differently, so the float
+    results of a run depend on n."""
+    if n is None:
+        yield
+        return
+    import numba
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+
+
 def run_pipeline(config: RunConfig, out: str | Path | None = None, *, force: bool = False,
                  title: str | None = None) -> RunResult:
     """Run (or resume) the whole job of `config` in the folder `out` and return the summary."""
+
+    with cpu_threads(config.run.threads):
+        return _run(config, Path(out or config.run.out or "runs/run"), force, title)
+
+
+def _run(config: RunConfig, out: Path, force: bool, title: str | None) -> RunResult:
     from sae_fast.run.stages import STAGES
 
     t0 = time.perf_counter()
-    out = Path(out or config.run.out or "runs/run")
     ctx = prepare(config, out, title)
     ctx.started = t0
     folder = ctx.folder
