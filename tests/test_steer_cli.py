@@ -72,3 +72,49 @@ def test_bad_input_one_line_nothing_written(setup, capsys, flags, culprit):
     code, _, err = _cli([str(setup / "steer.toml"), "--out", str(out), *flags], capsys)
     assert code == 2 and culprit in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_steer_stage_in_a_run(tmp_path):
+    """A [steer] section runs after interpretation with the run's SAE and annotation; its block is in the summary."""
+    from sae_fast.run import load_config, run_pipeline
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("""
+[model]
+name = "mini"
+batch_size = 4
+[data]
+path = "pbmc_demo"
+max_cells = 24
+[extract]
+layer = 1
+mode = "fused"
+[sae]
+expansion = 2
+k = 8
+epochs = 1
+batch_size = 1024
+[interpret]
+baselines = []
+markers = ""
+[steer]
+alphas = [-5.0, 5.0]
+sweep_cells = 8
+source = "CD4 T"
+target = "CD8 T"
+epochs = 1
+control = false
+""")
+    verbosity, utils.VERBOSITY = utils.VERBOSITY, 0
+    try:
+        res = run_pipeline(load_config(cfg), tmp_path / "out")
+    finally:
+        utils.VERBOSITY = verbosity
+    tables = tmp_path / "out" / "tables"
+    enr = utils.read_table(tables / "enrichment")
+    alphas = utils.read_table(tables / "contrast_alphas")
+    assert set(alphas.feature) == set(enr.loc[enr.basis == "sae", "feature"])  # the annotated features
+    sweep = utils.read_table(tables / "alpha_sweep")
+    best = int(enr[enr.basis == "sae"].sort_values("q_value", kind="stable").iloc[0].feature)
+    assert set(sweep.feature) == {best}
+    assert "Steering (the embedded mini model's numbers" in res.summary and "closer to the target" in res.summary
