@@ -7,14 +7,15 @@ DESCRIPTION = """\
 Run the whole job described by one TOML config, in a run folder:
 
   load the model and the cells, check them  ->  extract the residual stream (or train fused)
-  ->  train the SAE  ->  evaluate it (FVU, L0, dead %)
+  ->  train the SAE  ->  evaluate it on held-out cells (FVU, L0, dead %)
   ->  interpret its features with GO enrichment (against raw neurons and ICA)
   ->  print a summary that ends with `finished in N s`.
 
-Sections: [model] name, path, batch_size; [data] path (an .h5ad or a bundled name), counts, max_cells;
+Sections: [model] name, path, batch_size, device, dtype; [data] path (an .h5ad or a bundled name), counts,
+max_cells, holdout (10% of cells held out for the evaluation);
 [extract] layer, tokens, mode (shards | fused), dtype; [sae] every `sae-fast train` option (arch, k,
 expansion, lr, epochs, ...); [interpret] every `sae-fast interpret` option (gene_sets, gene_filter, top_rule,
-alpha, baselines, ...) plus features (examples to show); [run] out, sae. Every key has a default: Yanovsky &
+alpha, baselines, ...) plus features (examples to show); [run] out, sae, threads. Every key has a default: Yanovsky &
 Chernomoretz's (AIDO.Cell-100M, layer 12, TopK k=32, 8x, lr 1e-3, 10 epochs, 8 cells per forward pass), except
 sae.batch_size, 8,192 tokens (Pedrocchi et al.'s step; for [Y]'s step of 8 whole cells set it to 8 x tokens per
 cell, as examples/aido_cell_100m_pbmc3k.toml does). See examples/*.toml and docs/run.md.

@@ -9,17 +9,18 @@ A run config is a TOML file with one section per stage; every key is a field of 
 InterpretConfig plus `features`). Every default is Yanovsky & Chernomoretz's [Y] except `[sae] batch_size`
 (8,192 tokens, [P]'s; [Y] steps on 8 whole cells, 8 x tokens per cell: see examples/aido_cell_100m_pbmc3k.toml).
 
-    [model]      name, path, batch_size          which scFM (sae_fast.load_model)
-    [data]       path, counts, max_cells         the cells (an .h5ad or a bundled name)
+    [model]      name, path, batch_size, device  which scFM (sae_fast.load_model), where, in which dtype
+    [data]       path, counts, holdout           the cells (an .h5ad or a bundled name); 10% held out
     [extract]    layer, tokens, mode, dtype      where to read the residual stream, shards or fused
     [sae]        arch, k, expansion, lr, epochs  the SAE and its trainer (TrainConfig)
     [interpret]  gene_sets, gene_filter, ...     GO enrichment, baselines, example features
-    [run]        out, sae                        the run folder; an already-trained SAE to interpret instead
+    [run]        out, sae, threads               the run folder; a trained SAE to use instead; CPU threads
     [<stage>]    ...                             optional: a plug-in stage's own section (absent: skipped)
 
 The run folder holds config.resolved.toml, environment.json, log.jsonl (one JSON object a line: stage starts and
 ends with their seconds, the trainer's per-step metrics), state.json (the config, and what each finished stage
-returned), sae/ (the checkpoint, with the trainer state for an exact resume), shards/ (mode "shards"), tables/,
+returned), sae/ (the checkpoint, with the trainer state for an exact resume), shards/train and shards/heldout
+(mode "shards"), tables/ (cells: which were held out; sae_metrics.json: the held-out evaluation; ...),
 annotated.h5ad and summary.txt. Every file is written under a temporary name and renamed, and a stage is marked
 done in state.json only after it returns, so a killed run never leaves output that claims success. Running the
 same config on the same folder again skips the stages that are done and resumes the interrupted one (extraction
