@@ -36,6 +36,9 @@ def test_train_bench_rows(monkeypatch):
     assert sum(pieces.values()) == pytest.approx(main["ours_s"])  # the rest closes the sum
     assert main["floor_ratio"] == pytest.approx(main["ours_s"] / main["floor_s"])
     assert main["load"]["before"]["cores"] >= 1
+    solo = main["one_thread_cpu_time"]  # the load-independent view: one thread, this process's CPU time
+    assert solo["floor_ratio"] == pytest.approx(solo["ours_s"] / solo["floor_s"])
+    assert sum(solo["breakdown_s"].values()) == pytest.approx(solo["ours_s"])
     mem = next(r for r in rows if r["bench"] == "train-mem")
     assert mem["ours_s"] is None and mem["ours_bytes"] == 300 and mem["reference_bytes"] == 900
     assert mem["memory_ratio"] == pytest.approx(1 / 3) and mem["memory_ratio_net"] == pytest.approx(0.25)

@@ -37,11 +37,14 @@ def time_fn(fn, *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> f
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict, *, repeat: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall times (s) of every fn in `fns`, called in turn once per round for `repeat` rounds.
+def time_interleaved(fns: dict, *, repeat: int, warmup: int = 1, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Times (s, by `clock`: wall by default) of every fn in `fns`, called in turn once per round for `repeat`
+    rounds.
 
     On a shared machine the load changes from second to second; interleaving exposes every contender to the
-    same load, so ratios of minima (or medians of per-round ratios) compare like with like."""
+    same load, so ratios of minima (or medians of per-round ratios) compare like with like. With one torch
+    thread, clock=time.process_time counts only this process's own CPU time: what the other processes of a
+    loaded machine take is left out (what they do to the shared caches is not)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
@@ -51,10 +54,10 @@ def time_interleaved(fns: dict, *, repeat: int, warmup: int = 1) -> dict[str, li
     for _ in range(repeat):
         for name, fn in fns.items():
             gc.collect()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

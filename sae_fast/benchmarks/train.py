@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import time
 
 import torch
 
@@ -160,6 +161,11 @@ def _pieces(sae, opt, x) -> dict:
     }
 
 
+def _summary(times: dict) -> tuple[dict, list]:
+    """(minimum of each contender, the per-round ratios ours / floor)."""
+    return {n: min(t) for n, t in times.items()}, [o / f for o, f in zip(times["ours"], times["floor"])]
+
+
 def run(quick: bool = False) -> list[dict]:
     s = _sizes(quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,22 +185,38 @@ def run(quick: bool = False) -> list[dict]:
     if has_sparsify:
         sparsify_step = _sparsify(s, device)
         steps["sparsify"] = lambda: sparsify_step(x)
+    timing = ("minimum over rounds; every round runs each contender once, in turn (a shared machine's load hits "
+              "all alike)")
     load_before = machine_load()
     times = time_interleaved(steps, repeat=3 if quick else 25)
     load = {"before": load_before, "after": machine_load()}
-    best = {name: min(t) for name, t in times.items()}
-    per_round = [o / f for o, f in zip(times["ours"], times["floor"])]
+    best, per_round = _summary(times)
     breakdown = {name: best[f"piece {name}"] for name in pieces}
     breakdown["rest (loss, gate, b_pre term, checks, dead-latent clocks)"] = best["ours"] - sum(breakdown.values())
-    timing = ("minimum over rounds; every round runs each contender once, in turn (a shared machine's load hits "
-              "all alike)")
+    extra = {}
+    if device == "cpu":  # the same without the other processes' CPU time: one thread, this process's CPU clock
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            solo = {n: fn for n, fn in steps.items() if n != "reference"}
+            cpu_times = time_interleaved(solo, repeat=3 if quick else 15, clock=time.process_time)
+        finally:
+            torch.set_num_threads(threads)
+        cpu_best, cpu_round = _summary(cpu_times)
+        cpu_pieces = {name: cpu_best[f"piece {name}"] for name in pieces}
+        extra["one_thread_cpu_time"] = {
+            "ours_s": cpu_best["ours"], "floor_s": cpu_best["floor"],
+            "floor_ratio": cpu_best["ours"] / cpu_best["floor"],
+            "floor_ratio_median": statistics.median(cpu_round), "sparsify_s": cpu_best.get("sparsify"),
+            "breakdown_s": cpu_pieces | {"rest": cpu_best["ours"] - sum(cpu_pieces.values())},
+            "timing": "torch.set_num_threads(1), time.process_time (this process's CPU time), minimum over rounds"}
     rows = [record("train", cfg, dev_name, best["ours"], best["reference"], reference="dense PyTorch TopK step",
                    floor_s=best["floor"], floor_ratio=best["ours"] / best["floor"],
                    floor_ratio_median=statistics.median(per_round),
                    median_s={n: statistics.median(times[n]) for n in ("ours", "floor", "reference")},
                    breakdown_s=breakdown,
                    breakdown_over_floor={n: t / best["floor"] for n, t in breakdown.items()},
-                   rounds=len(times["ours"]), timing=timing, load=load)]
+                   rounds=len(times["ours"]), timing=timing, load=load, **extra)]
 
     for name, why in NOT_INSTALLED.items():
         rows.append(record("train", cfg | {"peer": name}, dev_name, best["ours"], None, reference=name,
@@ -202,7 +224,9 @@ def run(quick: bool = False) -> list[dict]:
     if has_sparsify:
         rows.append(record("train", cfg | {"peer": "sparsify"}, dev_name, best["ours"], best["sparsify"],
                            reference="sparsify", decoder="triton" if device == "cuda" else "eager (embedding_bag)",
-                           timing=timing, load=load))
+                           timing=timing, load=load, **({"one_thread_cpu_time": {
+                               k: extra["one_thread_cpu_time"][k] for k in ("ours_s", "sparsify_s")}}
+                               if extra else {})))
     else:
         rows.append(record("train", cfg | {"peer": "sparsify"}, dev_name, best["ours"], None, reference="sparsify",
                            skipped="eai-sparsify is not installed (pip install eai-sparsify)"))
