@@ -296,6 +296,7 @@ def test_non_finite_inputs_are_refused_naming_the_row(backend, op, where):
 
 
 @all_backends
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy product
 def test_overflowing_pre_activations_raise_naming_the_row(backend):
     """Finite inputs whose product overflows: every backend reports the row instead of returning inf picks."""
     x, W, b = (t.detach() for t in make_encoder(5, 8, 64, device_for(backend)))
