@@ -13,14 +13,20 @@ A step = forward, backward, decoder-gradient projection, Adam, decoder renormali
 * dictionary_learning / sae_lens: not installed here (their dependencies would replace torch or add ~40
   packages); their rows say so (NOT_INSTALLED).
 
+Timing: all of the above and the step's pieces (`breakdown_s`: encode GEMM, top-k selection, decode, the
+decoder's and the encoder's backward, the decoder-gradient projection, Adam, the decoder-norm projection, and
+the rest) run in rounds, each once per round in turn; minima are reported, with the machine's load averages.
+On the CPU a second pass (`one_thread_cpu_time`) times ours, the floor, the pieces and sparsify on one torch
+thread by this process's CPU clock, which the other processes of a shared machine do not inflate.
+
 Peak memory: one step at N=32,768 for ours and for the dense reference, each in a fresh process
 (`peak_rss_of`), reported as bytes and as the ratio ours / reference (goal: <= 1/3), and as `memory_ratio_net`
 after removing the constant both pay for importing torch's optimizer machinery (`optimizer_import_bytes`).
 
-What should move, and by how much (d=640, F=5120, k=32, N=4096): the encoder GEMM is 2NdF = 13.4 GFLOP. The
+What should move, and by how much (d=640, F=5120, k=32, N=4096): the encoder GEMM is 2NdF = 26.8 GFLOP. The
 dense step does five such GEMMs (encoder forward, decoder forward, decoder backward for dz and dW_dec, encoder
 backward for dW_enc) plus topk and [N, F] scatters, i.e. >= 5x the floor. Ours does one GEMM (chunked, fused
-with the top-k selection) and sparse work of ~N k d = 84 MFLOP per kernel (decode, its two gradients, the
+with the top-k selection) and sparse work of 2Nkd = 168 MFLOP per kernel (decode, its two gradients, the
 encoder gradient), plus Adam over 2 x 3.3M parameters (fused, one pass) and two O(F d) passes for the decoder
 constraint: expect ~1.3x the floor, so ~3.5-4x faster than dense. Memory: dense holds several [N, F] fp32
 matrices (671 MB each at N=32,768); ours holds [N, k] codes and one chunk of pre-activations.
