@@ -162,15 +162,16 @@ class PrefixCache:
             self.file = open(Path(where) / "prefix.f32", "wb")  # noqa: SIM115 - closed in finish()
 
     def add(self, batch: CellBatch, hidden: torch.Tensor, code, cell: int) -> None:
+        """One cell: its batch [1, T], block-L output [1, T, d] and SAE code (indices, values), each [t, k]."""
         t = _length(batch)
         one = CellBatch({k: v[:, :t].cpu() for k, v in batch.inputs.items()}, batch.gene_ids[:, :t].cpu(),
                         torch.tensor([cell]), batch.mask[:, :t].cpu(), batch.expression[:, :t].cpu())
-        h = hidden[0, :t].float().cpu()
+        h = hidden[0, :t].float().cpu().clone()  # its own memory: not a view keeping the whole batch alive
         if self.file is not None:
             self.file.write(h.numpy().tobytes())
         else:
             self.rows.append(h)
-        self.cells.append(_Cell(one, self.n_rows, t, code[0][:t].cpu(), code[1][:t].cpu()))
+        self.cells.append(_Cell(one, self.n_rows, t, code[0][:t].cpu().clone(), code[1][:t].cpu().clone()))
         self.n_rows += t
 
     def finish(self) -> None:
@@ -349,7 +350,7 @@ class _Problem:
                     one = CellBatch({k: v[b:b + 1] for k, v in batch.inputs.items()}, batch.gene_ids[b:b + 1],
                                     batch.cell_ids[b:b + 1], batch.mask[b:b + 1], batch.expression[b:b + 1])
                     code = encode(sae, hidden[b, :_length(one)])
-                    self.cache.add(one, hidden[b:b + 1], (code.indices[None], code.values[None]),
+                    self.cache.add(one, hidden[b:b + 1], (code.indices, code.values),
                                    int(batch.cell_ids[b]))
                 bar.update(hidden.shape[0])
         bar.close()
