@@ -54,8 +54,9 @@ class ShardLoader:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.shards, self.batch_size, self.shuffle, self.seed = shards, int(batch_size), shuffle, seed
         self.epoch, self.with_ids, self.dtype, self.drop_last = epoch, with_ids, dtype, drop_last
-        # gather threads: default one per core, at most 4 (a batch is a few MB: more threads only add contention)
-        self.threads = min(4, os.cpu_count() or 1) if threads is None else int(threads)
+        # gather threads: by default one per 4 cores, 1 to 4 (the rest stay with torch; on a 2-core machine shared
+        # by other jobs a second gather thread measured slower, bench/results/loader.json)
+        self.threads = min(4, max(1, (os.cpu_count() or 1) // 4)) if threads is None else int(threads)
         if self.threads < 0:
             raise UserError(f"threads must be >= 0 (0 = gather in the consumer's thread), got {threads}")
         row_bytes = shards.d * np.dtype(shards.array(0).dtype).itemsize if shards.n_tokens else 1
