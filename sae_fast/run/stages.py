@@ -122,7 +122,8 @@ class _Progress:
 
 
 def evaluate(ctx: Context) -> dict:
-    """FVU, L0 and dead fraction of the SAE on the held-out cells -> tables/sae_metrics.json."""
+    """FVU, L0, dead fraction and the Embedding Recovery Score of the SAE on the held-out cells ->
+    tables/sae_metrics.json."""
     from sae_fast.sae.train import evaluate as evaluate_sae
 
     write_cell_sets(ctx)
@@ -134,6 +135,11 @@ def evaluate(ctx: Context) -> dict:
     metrics["n_features"] = int(ctx.sae.W_dec.shape[0])
     metrics["n_cells"] = len(ctx.heldout_cells)
     metrics["holdout"] = ctx.config.data.holdout
+    from sae_fast.steer.recovery import embedding_recovery  # [P]'s ERS on the same cells
+
+    ers = embedding_recovery(ctx.sae, ctx.model, ctx.adata[ctx.heldout_cells], ctx.config.extract.layer,
+                             batch_size=ctx.config.model.batch_size)
+    metrics["ers_ratio"], metrics["ers_fraction"] = ers.ratio, ers.fraction
     ctx.folder.write_json("sae_metrics", metrics)
     return metrics
 

@@ -25,6 +25,8 @@ def sae_block(ctx: Context) -> list[str]:
             f"  FVU                 {m['fvu']:.4f}   (fraction of variance unexplained)",
             f"  L0                  {m['l0']:.2f}   (active features per token)",
             f"  dead                {100 * m['dead_fraction']:.1f} %   (never active on these cells)",
+            *([f"  ERS                 {m['ers_fraction']:.4f}   (embedding recovery, [P]'s code; paper's ratio "
+               f"{m['ers_ratio']:.2f})"] if "ers_fraction" in m else []),
             f"  tokens evaluated    {int(m['n_tokens']):,}"]
 
 
