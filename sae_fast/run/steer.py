@@ -157,7 +157,7 @@ def summary_lines(folder, model_name: str) -> list[str]:
                     lines.append(f"      {side:>4}: {terms}")
         flipped = folder.read_table("alpha_sweep_flipped")
         if len(flipped):
-            shown = "; ".join(sorted(set(flipped["name"].astype(str)))[:4])
+            shown = "; ".join(list(dict.fromkeys(flipped["name"].astype(str)))[:4])  # most significant first
             lines.append(f"    terms flipping sides with the sign of alpha ([Y]'s Table 1 pattern): {shown}")
         else:
             lines.append("    no term flips sides with the sign of alpha here")
