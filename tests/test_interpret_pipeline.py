@@ -174,6 +174,13 @@ def test_interpret_sae_end_to_end(pbmc, tmp_path):
         assert f"{r.basis:>4}: {r.n_enriched}/{r.n_features} features with >= 1 significant term" in text
     assert ("reached its 200-iteration limit" in text) == (not s["ica_converged"])
     assert set(res.cell_association.key) == {"cell_type"}
+    # top genes with their activations: each feature's listed top genes, in order, with F at that gene
+    tg = res.top_genes
+    for i in range(16):
+        rows = tg[tg.feature == i].sort_values("rank")
+        top = f.top_genes[i].split(";") if isinstance(f.top_genes[i], str) else list(f.top_genes[i])
+        assert rows.gene.tolist() == [g for g in top if g][:20]
+        np.testing.assert_allclose(rows.activation, res.F[i, [res.genes.index(g) for g in rows.gene]])
     with pytest.raises(UserError, match="feature 99 is out of range"):
         format_summary(res, features=[99])
     paths = write_results(res, tmp_path / "out")

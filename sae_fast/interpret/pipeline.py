@@ -84,6 +84,7 @@ class InterpretResult(NamedTuple):
     components: pd.DataFrame  # overlap-graph components with their shared terms
     cell_association: pd.DataFrame  # best features per obs label value (AMI, F1)
     markers: pd.DataFrame  # significant marker-set rows for SAE features
+    top_genes: pd.DataFrame  # each SAE feature's top genes (up to TOP_GENES_KEPT) with their F activation
     F: np.ndarray  # [n_features, n_background] SAE feature x gene matrix over the background genes
     genes: list[str]  # the background genes (columns of F)
     adata: object  # the input AnnData, annotated: obsm X_sae_max / X_sae_mean, uns sae_interpret
@@ -233,6 +234,7 @@ def interpret_sae(sae, model, adata, layer: int, *, config: InterpretConfig | No
             best = markers.sort_values("q_value", kind="stable").drop_duplicates("feature")
             feats["best_marker"] = best.set_index("feature")["term"].reindex(feats.feature).to_numpy()
 
+    top_genes = top_gene_table(F, genes, ann["sae"].top)
     X = normalise_by_max(res.cell_max)
     keys = cfg.label_keys or [k for k in LABEL_HINTS if k in adata.obs and 2 <= adata.obs[k].nunique() <= 200]
     cells = best_features(X, adata.obs, keys)
@@ -250,11 +252,21 @@ def interpret_sae(sae, model, adata, layer: int, *, config: InterpretConfig | No
     }
     adata.uns["sae_interpret"] = {k: (v if not isinstance(v, float) or math.isfinite(v) else "nan")
                                   for k, v in summary.items() if not isinstance(v, list)}
-    return InterpretResult(feats, enrichment, comp.table, graph.components, cells, markers, F, genes, adata,
-                           summary)
+    return InterpretResult(feats, enrichment, comp.table, graph.components, cells, markers, top_genes, F, genes,
+                           adata, summary)
 
 
-TABLES = ("features", "enrichment", "bases", "components", "cell_association", "markers")
+TOP_GENES_KEPT = 20
+
+
+def top_gene_table(F: np.ndarray, genes: list[str], top: list[list[str]]) -> pd.DataFrame:
+    """One row per (feature, rank) for each feature's first TOP_GENES_KEPT top genes, with F[feature, gene]."""
+    col = {g: j for j, g in enumerate(genes)}
+    rows = [(i, r, g, float(F[i, col[g]])) for i, t in enumerate(top) for r, g in enumerate(t[:TOP_GENES_KEPT])]
+    return pd.DataFrame(rows, columns=["feature", "rank", "gene", "activation"])
+
+
+TABLES = ("features", "enrichment", "bases", "components", "cell_association", "markers", "top_genes")
 
 
 def write_results(result: InterpretResult, out_dir, *, h5ad: bool = True) -> list[Path]:
