@@ -145,6 +145,29 @@ def test_token_selection(aido):
     assert torch.equal(hooked.embedding, started.embedding)
 
 
+def test_threshold_encode_takes_a_per_feature_threshold():
+    """encode='threshold' on a BatchTopK SAE whose threshold is one value per feature (as SAELens' files hold)
+    keeps exactly the pre-activations above their feature's threshold."""
+    from sae_fast import BatchTopKSAE
+    from sae_fast.steer.interventions import encode
+
+    torch.manual_seed(2)
+    sae = BatchTopKSAE(12, 40, k=4).eval()
+    theta = torch.rand(40) * 0.5
+    sae.threshold = theta
+    sae.threshold_weight.fill_(1.0)
+    with torch.no_grad():
+        sae.b_pre.normal_()
+        sae.b_enc.normal_(0, 0.1)
+    x = torch.randn(9, 12)
+    code = encode(sae, x, "threshold")
+    z = torch.zeros(9, 40, dtype=torch.float64).scatter_add_(1, code.indices, code.values.double())
+    W_enc, b_enc, b_pre = (t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.b_pre))
+    pre = (x.double() - b_pre) @ W_enc.T + b_enc
+    ref = torch.where(pre > theta.double(), pre, torch.zeros_like(pre))
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_recipes_roundtrip():
     for iv in (Scale({3: 2.0, 5: -1.0}, tokens=["A", "B"]), Add({2: 0.5}), Clamp([1, 2], value=-3.0,
                error_term=True, encode="threshold"), Ablate([4])):

@@ -101,10 +101,12 @@ def encode(sae, x: torch.Tensor, mode: str = "auto") -> ops.SparseCode:
         if mode == "batch":
             return ops.batch_topk_encode(x, sae.W_enc, sae._b_eff(), sae.cfg.k, relu=True,
                                          backend=sae.cfg.backend)
-        if float(sae.threshold) < 0:
+        if not sae.threshold_learned():
             raise UserError("encode='threshold': this BatchTopK SAE has no learned threshold yet (train it, or "
                             "use encode='batch')")
-        return ops.threshold_encode(x, sae.W_enc, sae._b_eff(), float(sae.threshold), backend=sae.cfg.backend)
+        theta = sae.threshold  # a scalar, or one value per feature (SAELens checkpoints)
+        return ops.threshold_encode(x, sae.W_enc, sae._b_eff(), theta if theta.dim() else float(theta),
+                                    backend=sae.cfg.backend)
 
 
 def scale_delta(code: ops.SparseCode, alpha: torch.Tensor, W_dec: torch.Tensor, backend: str = "auto"):
