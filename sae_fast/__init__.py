@@ -13,7 +13,7 @@ The public API is small and imported lazily, so `import sae_fast` (and the CLI's
     sae_fast.ops, sae_fast.datasets, sae_fast.interpret, sae_fast.activations
 """
 
-from importlib import import_module
+from sae_fast.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -38,9 +38,4 @@ _MODULES = {"ops", "datasets", "interpret", "activations", "models", "sae"}
 __all__ = sorted(_ATTRS) + sorted(_MODULES)
 
 
-def __getattr__(name):
-    if name in _ATTRS:
-        return getattr(import_module(_ATTRS[name]), name)
-    if name in _MODULES:
-        return import_module(f"sae_fast.{name}")
-    raise AttributeError(f"module 'sae_fast' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _ATTRS, frozenset(_MODULES))

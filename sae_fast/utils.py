@@ -63,6 +63,17 @@ def write_table(stem: str | os.PathLike, df) -> Path:
     return path
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def read_table(stem: str | os.PathLike):
     """The DataFrame `write_table(stem, ...)` wrote."""
     import pandas as pd

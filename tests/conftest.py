@@ -21,7 +21,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-DEMO_SHRINK = ["--set", "data.max_cells=48", "--set", "sae.epochs=1", "--set", "interpret.baselines=['raw']"]
+DEMO_SHRINK = ["--set", "data.max_cells=48", "--set", "sae.epochs=1", "--set", "interpret.baselines=['raw']",
+               "--set", "steer.epochs=3"]
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,7 @@ training ([data] holdout, 10%: the evaluation's cells); stages that measure how 
 the held-out ones (`ctx.adata[ctx.heldout_cells]`).
 """
 
-from importlib import import_module
+from sae_fast.lazy import lazy_getattr
 
 _ATTRS = {
     "load_config": "sae_fast.run.config",
@@ -108,7 +108,4 @@ _ATTRS = {
 __all__ = sorted(_ATTRS)
 
 
-def __getattr__(name):
-    if name in _ATTRS:
-        return getattr(import_module(_ATTRS[name]), name)
-    raise AttributeError(f"module 'sae_fast.run' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _ATTRS)

@@ -12,7 +12,7 @@ every intervention's `.hook(sae, model)` for `model.forward(..., hook=)`. Names 
 `import sae_fast.steer.<module>` (e.g. a run stage's config section) stays light.
 """
 
-from importlib import import_module
+from sae_fast.lazy import lazy_getattr
 
 _ATTRS = {
     **dict.fromkeys(["Ablate", "Add", "Clamp", "Intervention", "Scale", "encode", "from_recipe", "scale_delta"],
@@ -30,7 +30,4 @@ _ATTRS = {
 __all__ = sorted(_ATTRS)
 
 
-def __getattr__(name):
-    if name in _ATTRS:
-        return getattr(import_module(_ATTRS[name]), name)
-    raise AttributeError(f"module 'sae_fast.steer' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _ATTRS)

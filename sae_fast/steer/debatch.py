@@ -243,7 +243,7 @@ def umap_figure(embedding: np.ndarray, obs: pd.DataFrame, keys: list[str], path,
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    from sae_fast.utils import atomic_path
+    from sae_fast.utils import save_figure
 
     a = ad.AnnData(obs=obs[keys].astype(str).astype("category").copy())
     a.obsm["X_emb"] = np.asarray(embedding, np.float32)
@@ -253,11 +253,7 @@ def umap_figure(embedding: np.ndarray, obs: pd.DataFrame, keys: list[str], path,
     for ax, key in zip(np.atleast_1d(axes), keys):
         sc.pl.umap(a, color=key, ax=ax, show=False, frameon=False, title=f"{title} - {key}" if title else key)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_debatch(res: DebatchResult, out) -> list[Path]:

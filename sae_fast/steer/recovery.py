@@ -166,7 +166,7 @@ def layer_figure(table: pd.DataFrame, path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sae_fast.utils import atomic_path
+    from sae_fast.utils import save_figure
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     a1.plot(table.layer, table.fvu, "o-", label="FVU (held-out cells)")
@@ -184,8 +184,4 @@ def layer_figure(table: pd.DataFrame, path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
