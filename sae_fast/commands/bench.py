@@ -11,10 +11,11 @@ measurement (keys: bench, config, device, ours_s, reference_s, speedup) for benc
 
 Benchmarks: encode, decode, train (SAE kernels and a full training step vs dense PyTorch and EleutherAI
 sparsify), forward (model tokens/s and peak memory vs context length), enrich (ORA vs gseapy.enrich),
-loader (shard streaming vs a plain numpy memmap copy), extract (extraction vs a plain forward), scib (our scIB
-wrapper vs scib-metrics called directly with the same kNN; exact vs pynndescent kNN), steer (the shared-prefix
-steering runner vs two full hooked forwards per batch), contrast (a contrastive-steering epoch on the cached
-prefix vs full forwards).
+loader (shuffled shard streaming, 1 and 2 gather threads, vs a single-threaded contiguous copy of the same bytes
+in its own process), extract (extraction vs a plain forward), scib (our scIB wrapper vs scib-metrics called
+directly with the same kNN; exact vs pynndescent kNN), steer (the shared-prefix steering runner vs two full
+hooked forwards per batch), contrast (a contrastive-steering epoch on the cached prefix vs full forwards), fused
+([Y]'s GPU setting: AIDO.Cell-100M config at 8 x 19,266 tokens with a fused SAE step; for a GPU, tiny on a CPU).
 
 Example:  sae-fast bench train --json bench/results/train.json
 """
