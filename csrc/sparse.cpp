@@ -1,0 +1,1 @@
+../sae_fast/csrc/sparse.cpp
