@@ -375,7 +375,9 @@ def synthetic_steering(folder: Path) -> dict:
 
 def test_steering_and_debatch_sections(demo_dir, browser, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(demo_dir, run, ignore=shutil.ignore_patterns("shards", "sae", "report.html"))
+    # the demo's own steering tables and top genes are replaced by the synthetic ones below
+    shutil.copytree(demo_dir, run, ignore=shutil.ignore_patterns(
+        "shards", "sae", "report.html", "alpha_sweep*", "contrast_*", "deg_*", "steer_summary.json", "top_genes.*"))
     want = synthetic_steering(run)
     # the top genes' activations, in the layout proposed for the interpret stage (feature, gene, activation)
     acts = pd.DataFrame({"feature": 0, "gene": ["GENE_A", "GENE_B", "GENE_C"], "activation": [0.5, 2.25, 1.0]})
