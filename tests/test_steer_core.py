@@ -368,3 +368,23 @@ def test_noop_edits_bitwise_on_every_model(name):
     f = _active_feature(sae, model, adata, layer)
     moved = steer(sae, model, adata, Scale({f: 5.0}), layer=layer, batch_size=4)
     assert not np.array_equal(moved.obsm["X_emb_steered"], emb)
+
+
+def test_noop_edits_bitwise_on_scfoundation(tmp_path):
+    """scFoundation predicts no expression ([P] used its encoder only): the no-op edits leave its cell embedding
+    bit for bit, and a real edit moves it."""
+    from test_scfoundation import GENES, counts_adata, write_ckpt
+
+    from sae_fast import load_model
+
+    model = load_model("scfoundation", path=write_ckpt(tmp_path / "models.ckpt").parent, genes=GENES)
+    adata = counts_adata(8, seed=3)
+    sae = _sae(model.d_model, 64, 8)
+    with torch.inference_mode():
+        emb = torch.cat([model.forward(b).embedding for b in model.prepare(adata, batch_size=4)]).numpy()
+    for iv in (Scale({3: 1.0, 9: 1.0}), Scale(np.ones(64)), Add({3: 0.0}), Clamp([]), Ablate([])):
+        res = steer(sae, model, adata, iv, layer=1, batch_size=4)
+        assert np.array_equal(res.obsm["X_emb_steered"], emb), iv
+        assert np.array_equal(res.obsm["X_emb_base"], emb), iv
+    moved = steer(sae, model, adata, Scale({_active_feature(sae, model, adata, 1): 5.0}), layer=1, batch_size=4)
+    assert not np.array_equal(moved.obsm["X_emb_steered"], emb)

@@ -94,6 +94,11 @@ class ScFM(nn.Module):
     n_layers: int
     d_model: int
 
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the cell embedding (ModelOutput.embedding): d_model unless the model's rule concatenates."""
+        return self.d_model
+
     def prepare(self, adata, batch_size: int = 8, **kw) -> PreparedData:
         raise NotImplementedError
 

@@ -212,6 +212,10 @@ class ScFoundation(ScFM):
             return ModelOutput(hidden, None, None)
         return ModelOutput(hidden, None, self.cell_embedding(self.encoder.norm(h), batch))
 
+    @property
+    def embedding_dim(self) -> int:
+        return 4 * self.d_model  # [P]'s concatenation of two tokens and two pools
+
     def cell_embedding(self, last: torch.Tensor, batch: CellBatch) -> torch.Tensor:
         """concat(last real token, second-to-last real token, max-pool, mean-pool) [B, 4 d]; the pools run over
         every real token ("all_tokens", [P]) or the gene tokens ("genes", scFoundation's get_embedding.py)."""

@@ -127,7 +127,7 @@ class SteerPass:
         self.lut = np.full(len(model.genes), -1, np.int64)
         self.lut[[index[g] for g in genes]] = np.arange(len(genes))
         self.lo, self.hi = lo, hi
-        n, d = hi - lo, model.d_model
+        n, d = hi - lo, model.embedding_dim
         self.emb = {k: np.full((n, d), np.nan, np.float32) for k in self.outputs}
         self.pred = {k: np.full((n, len(genes)), np.nan, np.float32) for k in self.outputs} if predictions \
             else None
