@@ -108,12 +108,13 @@ class ScFM(nn.Module):
 
     no_expression: str | None = None  # why `ModelOutput.expression` is None for this model, if it always is
 
-    def require_expression(self, out: ModelOutput) -> torch.Tensor:
-        """`out.expression`, or a UserError for a caller that needs predicted expression (steering DEGs, ...)."""
-        if out.expression is not None:
+    def require_expression(self, out: ModelOutput | None, hint: str = "") -> torch.Tensor:
+        """`out.expression`, or a UserError for a caller that needs predicted expression (steering DEGs, ...):
+        the one message for it, ending with `hint` (what to do instead). None stands for passes that gave none."""
+        if out is not None and out.expression is not None:
             return out.expression
         why = self.no_expression or "this forward pass stopped before the head (stop=True)"
-        raise UserError(f"{self.name} gives no predicted expression here: {why}")
+        raise UserError(f"{self.name} gives no predicted expression here: {why}" + (f"; {hint}" if hint else ""))
 
     def run_blocks(self, h: torch.Tensor | None, batch: CellBatch, block: Callable[[int, torch.Tensor], torch.Tensor],
                    *, layer: int | None, hook: Hook | None, stop: bool, start: torch.Tensor | None

@@ -365,12 +365,11 @@ class _Problem:
             mu = torch.as_tensor(self.mu, dtype=out.embedding.dtype, device=out.embedding.device)
             dist = (out.embedding - mu).norm(dim=1)
             return (dist ** 2 if cfg.distance == "squared" else dist).mean()
-        if out.expression is None:
-            raise UserError(f"{self.model.name} predicts no expression: use objective='embedding'")
-        cols = _gene_cols(batch, out.expression.shape[1], self.lut)
+        expression = self.model.require_expression(out, hint="use objective='embedding'")
+        cols = _gene_cols(batch, expression.shape[1], self.lut)
         ok = cols >= 0
         c = cols.clamp_min(0)
-        err = (out.expression - self.ybar_tgt[c]) ** 2 * self.weight[c]
+        err = (expression - self.ybar_tgt[c]) ** 2 * self.weight[c]
         return (err * ok).sum(1).mean()
 
     def optimise(self, features: list[int], train: np.ndarray, desc: str) -> tuple[np.ndarray, list[float]]:

@@ -131,7 +131,7 @@ def alpha_sweep(sae, model, adata, feature: int, alphas, layer: int, *, gene_set
     if p is None:
         return None
     if not p.has_expression:
-        raise UserError(f"{model.name} predicts no expression here: an alpha sweep needs predictions")
+        model.require_expression(None, hint="an alpha sweep needs predictions")
     expressed = expressed_genes(adata, p.genes)
     background = [g for g, e in zip(p.genes, expressed) if e]
     lib = compile_library(load_gene_sets(gene_sets), background)
