@@ -1,5 +1,6 @@
 """scIB scoring (sae_fast.steer.scib) against scib-metrics called directly on the same embedding and kNN."""
 
+import gc
 import sys
 
 import numpy as np
@@ -10,10 +11,10 @@ from sae_fast.errors import UserError
 
 
 def _cells(n_per_batch=75):
-    """Bundled PBMC cells of both chemistries (raw counts), 2 x n_per_batch cells."""
+    """Bundled Kang 2018 cells of both conditions (batch = stim; raw counts), 2 x n_per_batch cells."""
     from sae_fast import datasets
 
-    a = datasets.pbmc_demo()
+    a = datasets.kang2018()
     b = a.obs["batch"].astype(str).to_numpy()
     keep = np.concatenate([np.flatnonzero(b == v)[:n_per_batch] for v in sorted(set(b))])
     return a[keep].copy()
@@ -40,6 +41,7 @@ def test_unintegrated_table_equals_scib_metrics_direct():
     rng = np.random.default_rng(0)
     other = E + rng.normal(scale=0.5, size=E.shape).astype(np.float32)
     ours = scib_scores(a, {"unintegrated": E, "other": other}, "batch", "cell_type", pre_integrated="unintegrated")
+    assert gc.get_freeze_count() == 0  # the collector's objects are handed back after the scoring
 
     # scib-metrics directly, as [P]'s code sets it up, with scikit-learn's exact kNN
     direct = ad.AnnData(obs=pd.DataFrame({"batch": a.obs["batch"].astype(str).to_numpy(),
@@ -99,3 +101,20 @@ def test_bad_input_one_line_errors():
         scib_scores(a, {"e": E[:5]}, "b", "c", pre_integrated="e")
     with pytest.raises(UserError, match="non-finite"):
         scib_scores(a, {"e": np.full((100, 3), np.nan)}, "b", "c", pre_integrated="e")
+
+
+def test_gc_frozen_during_scoring_only_and_a_callers_freeze_kept():
+    from sae_fast.steer.scib import _gc_frozen
+
+    assert gc.get_freeze_count() == 0
+    with _gc_frozen():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        kept = gc.get_freeze_count()
+        with _gc_frozen():
+            pass
+        assert gc.get_freeze_count() == kept
+    finally:
+        gc.unfreeze()
