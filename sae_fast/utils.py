@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 # Set by the CLI's -q / -v; library users get bars by default.
@@ -36,10 +38,29 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def json_text(obj, **kwargs) -> str:
+    """`obj` as JSON: a non-finite float (NaN or inf: a number that is undefined) is written as null, because
+    NaN is not JSON (json.dumps would write it, and strict readers reject the file); numpy floats are numbers;
+    other objects that JSON cannot hold are written as str()."""
+    return json.dumps(finite(obj), allow_nan=False, default=str, **kwargs)
+
+
+def finite(obj):
+    """obj with every non-finite float (NaN, inf; numpy's too), also inside dicts, lists and tuples, replaced by
+    None, and numpy floats made Python floats."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Atomically write `obj` as indented JSON."""
+    """Atomically write `obj` as indented JSON (see json_text)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.write_text(json_text(obj, indent=2) + "\n")
 
 
 def table_format() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import resource
 import statistics
@@ -18,6 +17,8 @@ import sys
 import time
 
 import torch
+
+from sae_fast.utils import finite
 
 
 def time_fn(fn, *, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
@@ -79,17 +80,6 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
     m = machine_description()
     return f"cpu: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads)"
-
-
-def finite(v):
-    """v with every non-finite float (NaN, inf), also inside dicts and lists, replaced by None."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [finite(x) for x in v]
-    return v
 
 
 def record(bench: str, config: dict, device: str, ours_s: float | None, reference_s: float | None,

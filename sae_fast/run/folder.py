@@ -40,7 +40,7 @@ class RunFolder:
 
     def log(self, event: str, **fields) -> None:
         with open(self.log_path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}, default=str) + "\n")
+            f.write(utils.json_text({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
 
     # -- the stages' files (tables/NAME...)
     def write_table(self, name: str, df) -> Path:

@@ -21,6 +21,7 @@ import dataclasses
 from sae_fast.config import option
 from sae_fast.errors import UserError
 from sae_fast.run.context import Context, Stage
+from sae_fast.run.summary import num
 
 Y_CLOSER = 0.81  # [Y], AIDO.Cell-100M, CD4 T -> CD8 T, PBMC3K
 Y_GAP_UP, Y_GAP_DOWN = 0.70, 0.65
@@ -49,6 +50,8 @@ class SteerSection:
     epochs: int = option(100, "contrastive optimisation epochs ([Y]: 100)")
     lr: float = option(0.01, "Adam learning rate ([Y]: 0.01)")
     lam: float = option(1e-3, "L1 weight on |alpha - 1| ([Y]: 1e-3)")
+    source_cells: int | None = option(None, "use only N of the source cells, drawn at random (seeded; default: all)",
+                                      bounds="[2, inf)")
     heldout: float = option(0.2, "share of source cells never seen by the optimisation")
     control: bool = option(True, "also learn alphas over as many randomly chosen features (the control)")
     checkpointing: bool = option(False, "gradient checkpointing of the suffix blocks (long contexts)")
@@ -117,7 +120,7 @@ def run_steering(cfg: SteerSection, sae, model, adata, layer: int, folder, enric
         annotation = enrichment if enrichment is not None and not enrichment.empty else None
         out = contrast(sae, model, adata, cfg.source, cfg.target, cfg.label, layer, annotation=annotation,
                        objective=cfg.objective, distance=cfg.distance, epochs=cfg.epochs,
-                       lr=cfg.lr, lam=cfg.lam, heldout=cfg.heldout, control=cfg.control,
+                       lr=cfg.lr, lam=cfg.lam, heldout=cfg.heldout, control=cfg.control, source_cells=cfg.source_cells,
                        checkpointing=cfg.checkpointing, seed=cfg.seed)
         folder.write_table("contrast_alphas", out.alphas)
         folder.write_table("contrast_cells", out.cells)
@@ -175,8 +178,8 @@ def summary_lines(folder, model_name: str) -> list[str]:
         lines.append(f"    gap fraction: {_pct(s['gap_share_correct_up'])} of {s['gap_n_up']} up genes and "
                      f"{_pct(s['gap_share_correct_down'])} of {s['gap_n_down']} down genes moved toward the "
                      f"target ([Y]: {_pct(Y_GAP_UP)} / {_pct(Y_GAP_DOWN)}); binomial p "
-                     f"{s['gap_binom_p_up']:.2g} / {s['gap_binom_p_down']:.2g}; median gap "
-                     f"{s['gap_median_gap']:.2f}")
+                     f"{num(s['gap_binom_p_up'], '.2g')} / {num(s['gap_binom_p_down'], '.2g')}; median gap "
+                     f"{num(s['gap_median_gap'], '.2f')}")
         lines.append(f"    {s['n_changed']} features with |alpha - 1| > 0.3")
         for f in s.get("changed_features", [])[:3]:
             lines.append(f"      f{f['feature']} alpha {f['alpha']:.2f}: {f['top_terms'] or '(no term)'}")

@@ -11,6 +11,11 @@ from sae_fast.run.context import Context
 BAR = "=" * 78
 
 
+def num(x, spec: str) -> str:
+    """x formatted with `spec`, or n/a for an undefined number (null in the run's JSON files, NaN in memory)."""
+    return "n/a" if x is None or x != x else format(x, spec)
+
+
 def sae_block(ctx: Context) -> list[str]:
     """The evaluate stage's block: dictionary size, FVU, L0, dead %."""
     m = ctx.folder.read_json("sae_metrics")
@@ -22,11 +27,11 @@ def sae_block(ctx: Context) -> list[str]:
         cells = f"on {m['n_cells']} held-out cells ({100 * m['holdout']:.0f}%, not trained on)"
     return [f"SAE, measured {cells}",
             f"  features            {m['n_features']}",
-            f"  FVU                 {m['fvu']:.4f}   (fraction of variance unexplained)",
+            f"  FVU                 {num(m['fvu'], '.4f')}   (fraction of variance unexplained)",
             f"  L0                  {m['l0']:.2f}   (active features per token)",
             f"  dead                {100 * m['dead_fraction']:.1f} %   (never active on these cells)",
-            *([f"  ERS                 {m['ers_fraction']:.4f}   (embedding recovery, [P]'s code; paper's ratio "
-               f"{m['ers_ratio']:.2f})"] if "ers_fraction" in m else []),
+            *([f"  ERS                 {num(m['ers_fraction'], '.4f')}   (embedding recovery, [P]'s code; "
+               f"paper's ratio {num(m['ers_ratio'], '.2f')})"] if "ers_fraction" in m else []),
             f"  tokens evaluated    {int(m['n_tokens']):,}"]
 
 
