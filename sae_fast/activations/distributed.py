@@ -71,8 +71,12 @@ def lockstep(stream):
     """Yield from `stream` while every rank still has an item: ranks whose data ran out early stop the others,
     so that each step's collective operations pair up (one tiny all-reduce per item)."""
     it = iter(stream)
-    while True:
-        item = next(it, None)
-        if not min_over_ranks(item is not None):
-            return
-        yield item
+    try:
+        while True:
+            item = next(it, None)
+            if not min_over_ranks(item is not None):
+                return
+            yield item
+    finally:
+        if hasattr(it, "close"):  # a generator (the shard loader's) stops its threads now
+            it.close()

@@ -325,7 +325,9 @@ def train_sae(source=None, config: TrainConfig | None = None, *, model=None, ada
 
     torch.manual_seed(cfg.seed)
     if state is None:
-        first = next(_rebatch(_epoch_iter(source, 0), cfg.batch_size, cfg.d_in), None)
+        stream = _rebatch(_epoch_iter(source, 0), cfg.batch_size, cfg.d_in)
+        first = next(stream, None)
+        stream.close()  # the loader's gather threads stop here, not when the generator happens to be collected
         if first is None:
             raise UserError("train_sae: the source yielded no rows")
         sae = SparseAutoencoder.from_config(cfg.sae_config().resolved(d_in=first.shape[1]))
@@ -398,6 +400,7 @@ def train_sae(source=None, config: TrainConfig | None = None, *, model=None, ada
                     raise UserError(f"train_sae: the source yielded no rows in epoch {pos['epoch']}")
                 pos["epoch"] += 1
                 pos["consumed"] = 0
+            batches.close()  # joins the loader's threads (also after a break) before anything else runs
             state = None
         if writer and (pos["step"] % cfg.checkpoint_every or not (out_dir / STATE).is_file()):
             _save(out_dir, sae, opt, sched, cfg, pos)
