@@ -8,6 +8,8 @@ computes each of five pieces:
     gather_combine(idx, w, M)       out[n] = sum_j w[n, j] M[idx[n, j]]                   -> [N, d]
     pair_dot(idx, G, M)             out[n, j] = <G[n], M[idx[n, j]]>                      -> [N, k]
     segment_reduce(rev, w, X, F)    out[f] = sum_{(n, j): idx[n, j] = f} w[n, j] X[n]    -> [F, d] (+ sum w)
+    decode_residual(idx, w, M, b, X)  r = gather_combine(idx, w, M) + b - X, D = pair_dot(idx, r, M), in one
+                                    pass on the CPU (each row's k rows of M are read once)
 
 The sparse algebra is the same four lines for the encoder and the decoder (as in OpenAI sparse_autoencoder's
 kernels.py: a sparse-dense product and its transpose):
@@ -16,6 +18,9 @@ kernels.py: a sparse-dense product and its transpose):
     decode backward     dvalues = pair_dot(idx, g, W_dec);   dW_dec = segment_reduce(rev, values, g)
     encode backward     dx     = gather_combine(idx, g', W_enc); dW_enc, db_enc = segment_reduce(rev, g', x)
                         (g' = dL/dvalues, zero where the ReLU is off or the slot is padding)
+    reconstruction MSE  mse = mean_n ||r[n]||^2 with (r, D) = decode_residual(idx, values, W_dec, b_pre, x); its
+                        backward needs no pair_dot pass: dvalues = c D, dW_dec = segment_reduce(rev, c values, r),
+                        db_pre = c sum_n r[n] (c = 2 dL/dmse / N)
 
 `rev` is a reverse index (pairs sorted by feature, CSR offsets): the weight gradients are a segmented
 reduction over each feature's pairs, parallel over features, without atomics (deterministic). Nothing of size
@@ -24,7 +29,8 @@ reduction over each feature's pairs, parallel over features, without atomics (de
 Backends ("auto" picks per device and logs its choice once; `backend_for(tensor)` says which):
   "triton"  CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, for tests): kernels in sae_fast.kernels.
   "cpp"     CPU: C++/OpenMP kernels from sae_fast.csrc for the sparse pieces, built on first use and cached;
-            the dense encoder product is BLAS (torch.addmm) in row chunks.
+            the dense encoder product is oneDNN's fp32 linear in row chunks where torch has oneDNN (on an AMD
+            EPYC one thread: 0.70x MKL's sgemm time), else BLAS (torch.addmm).
   "torch"   plain PyTorch, any device; chunked so it is memory-safe too.
 """
 
@@ -119,6 +125,10 @@ class TorchKernels:
                                     check_invariants=False)
         return torch.sparse.mm(S, M)
 
+    def decode_residual(self, idx, w, M, b, X):
+        r = self.gather_combine(idx, w, M).add_(b).sub_(X)
+        return r, self.pair_dot(idx, r, M)
+
     def pair_dot(self, idx, G, M):
         N, k = idx.shape
         out = G.new_empty(N, k)
@@ -152,6 +162,11 @@ class CppKernels(TorchKernels):
     def __init__(self, ext):
         self.ext = ext
 
+    def linear(self, x, W, b):
+        if x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), W.contiguous(), b, "none", [], "")
+        return super().linear(x, W, b)
+
     def select_topk(self, pre, k):
         if k > self.SCAN_MAX_K or pre.dtype not in (torch.float32, torch.float64):
             return super().select_topk(pre, k)
@@ -162,6 +177,10 @@ class CppKernels(TorchKernels):
 
     def gather_combine(self, idx, w, M):
         return self.ext.gather_combine(idx.contiguous(), w.contiguous(), M.contiguous())
+
+    def decode_residual(self, idx, w, M, b, X):
+        return tuple(self.ext.decode_residual(idx.contiguous(), w.contiguous(), M.contiguous(), b.contiguous(),
+                                              X.contiguous()))
 
     def pair_dot(self, idx, G, M):
         return self.ext.pair_dot(idx.contiguous(), G.contiguous(), M.contiguous())
@@ -428,6 +447,41 @@ class SparseDecode(torch.autograd.Function):
         return None, dvalues, dW, None
 
 
+class SparseMSE(torch.autograd.Function):
+    """mse = mean over rows of ||r||^2, r = x_hat + b - x with x_hat = sparse decode of (indices, values).
+
+    The forward also takes D = pair_dot(idx, r, W_dec) while each row's k decoder rows are in cache, so the
+    backward reads no decoder row: with c = 2 dL/dmse / N, dvalues = c D, dW_dec = segment_reduce(rev, c values,
+    r), db = c sum_n r[n], dx = -c r. r is returned too (not differentiable: AuxK uses it detached)."""
+
+    @staticmethod
+    def forward(ctx, indices, values, W_dec, b, x, kern):
+        with torch.no_grad():
+            r, D = kern.decode_residual(indices, values, W_dec, b, x)
+            flat = r.reshape(-1)
+            mse = torch.dot(flat, flat) / max(r.shape[0], 1)
+        ctx.save_for_backward(indices, values, r, D)
+        ctx.kern, ctx.n_features = kern, W_dec.shape[0]
+        ctx.mark_non_differentiable(r)
+        return mse, r
+
+    @staticmethod
+    def backward(ctx, g, _gr):
+        indices, values, r, D = ctx.saved_tensors
+        kern = ctx.kern
+        c = 2 * g / max(r.shape[0], 1)
+        dvalues = D * c if ctx.needs_input_grad[1] else None
+        dW = db = dx = None
+        if ctx.needs_input_grad[2]:
+            n_features = ctx.n_features
+            dW, _ = kern.segment_reduce(kern.reverse_index(indices, n_features), values * c, r, n_features)
+        if ctx.needs_input_grad[3]:
+            db = r.sum(0) * c
+        if ctx.needs_input_grad[4]:
+            dx = r * -c
+        return None, dvalues, dW, db, dx, None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Public ops
 # ------------------------------------------------------------------------------------------------------------
@@ -556,3 +610,17 @@ def sparse_decode(indices, values, W_dec, backend: str = "auto") -> torch.Tensor
     indices = _check_code("sparse_decode", indices, values, W_dec)
     kern = _kernels(values, backend)
     return SparseDecode.apply(indices, values, W_dec, kern)
+
+
+def sparse_mse(indices, values, W_dec, b, x, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mse, r): r = sparse_decode(indices, values, W_dec) + b - x [N, d] and mse = mean over rows of ||r||^2.
+
+    The SAE reconstruction loss in one op: one pass over each row's k decoder rows serves the forward and the
+    gradient of the values (see SparseMSE). Differentiable in values, W_dec, b and x; r is not (detached)."""
+    indices = _check_code("sparse_mse", indices, values, W_dec)
+    if b.shape != (W_dec.shape[1],) or x.dim() != 2 or x.shape != (indices.shape[0], W_dec.shape[1]):
+        raise UserError(f"sparse_mse expects b [d] and x [N, d] with N = {indices.shape[0]}, d = {W_dec.shape[1]}; "
+                        f"got b {tuple(b.shape)}, x {tuple(x.shape)}")
+    _check_float("sparse_mse", {"values": values, "W_dec": W_dec, "b": b, "x": x})
+    kern = _kernels(values, backend)
+    return SparseMSE.apply(indices, values, W_dec, b, x, kern)

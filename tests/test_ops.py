@@ -226,9 +226,41 @@ def test_threshold_encode_with_empty_rows(backend, per_feature):
     assert none.values.shape == (N, 0)
 
 
+def run_mse_case(backend, N, d, F, k, empty_rows=0):
+    """ops.sparse_mse (the fused decode + residual + pair dots) against a dense float64 reconstruction loss:
+    the mse, the residual and the gradients of values, W_dec, b_pre and x. The first `empty_rows` rows have all
+    values 0 (a row nothing fired on)."""
+    device = device_for(backend)
+    idx = torch.rand(N, F, device=device).topk(k, dim=1).indices
+    values = torch.randn(N, k, device=device)
+    values[:empty_rows] = 0
+    values.requires_grad_()
+    W_dec = torch.randn(F, d, device=device, requires_grad=True)
+    b = torch.randn(d, device=device, requires_grad=True)
+    x = torch.randn(N, d, device=device, requires_grad=True)
+    mse, r = ops.sparse_mse(idx, values, W_dec, b, x, backend=backend)
+    v64, W64, b64, x64 = (t.detach().double().cpu().requires_grad_() for t in (values, W_dec, b, x))
+    r64 = torch.zeros(N, F, dtype=torch.float64).scatter_add(1, idx.cpu(), v64) @ W64 + b64 - x64
+    mse64 = r64.pow(2).sum() / max(N, 1)
+    assert not r.requires_grad and rel(r, r64) <= TOL and rel(mse, mse64) <= TOL
+    (3 * mse).backward()
+    (3 * mse64).backward()
+    for ours, ref in ((values, v64), (W_dec, W64), (b, b64), (x, x64)):
+        assert rel(ours.grad, ref.grad) <= TOL
+
+
+@pytest.mark.parametrize("backend,N,d,F,k,empty", [
+    pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))}")
+    for backend in ("torch", "cpp", "triton")
+    for case in [(1, 8, 64, 1, 0), (37, 13, 101, 99, 5), (257, 640, 5120, 32, 3), (0, 8, 64, 3, 0)]],
+    indirect=["backend"])
+def test_sparse_mse(backend, N, d, F, k, empty):
+    run_mse_case(backend, N, d, F, k, empty)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"], indirect=True)
 def test_gradcheck_float64(backend):
-    """torch.autograd.gradcheck of both autograd Functions on tiny float64 inputs."""
+    """torch.autograd.gradcheck of the autograd Functions on tiny float64 inputs."""
     x, W, b = (t.detach().double().requires_grad_() for t in make_encoder(5, 4, 9, "cpu", bias_scale=1.0))
     W_dec = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
 
@@ -242,6 +274,14 @@ def test_gradcheck_float64(backend):
         return ops.threshold_encode(x, W, b, 0.3, backend=backend).values
 
     assert torch.autograd.gradcheck(threshold, (x, W, b), eps=1e-6, atol=1e-7)
+
+    b_pre = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def mse(x, W, b, W_dec, b_pre):
+        code = ops.topk_encode(x, W, b, 3, backend=backend)
+        return ops.sparse_mse(code.indices, code.values, W_dec, b_pre, x, backend=backend)[0]
+
+    assert torch.autograd.gradcheck(mse, (x, W, b, W_dec, b_pre), eps=1e-6, atol=1e-7)
 
 
 def test_bad_input_raises_user_error():

@@ -2,6 +2,8 @@
 //
 //   gather_combine(idx[N,k], w[N,k], M[F,d])        out[n]    = sum_j w[n,j] * M[idx[n,j]]           -> [N,d]
 //   pair_dot(idx[N,k], G[N,d], M[F,d])              out[n,j]  = <G[n], M[idx[n,j]]>                  -> [N,k]
+//   decode_residual(idx, w, M, b[d], X[N,d])        r = gather_combine(idx, w, M) + b - X, D = pair_dot(idx, r, M)
+//                                                   in one pass (each row's k rows of M are read once)
 //   segment_reduce(order, offsets, w[N,k], X[N,d])  out[f]    = sum over f's pairs q of w[q] * X[q/k] -> [F,d]
 //                                                   sums[f]   = sum over f's pairs q of w[q]          -> [F]
 //
@@ -47,6 +49,37 @@ acc_t dot(const T* a, const T* b, int64_t d) {
   return s;
 }
 
+// y += a x (vectorised: x and y never overlap here).
+template <typename acc_t, typename T>
+inline void axpy(acc_t a, const T* __restrict x, acc_t* __restrict y, int64_t d) {
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) y[c] += a * static_cast<acc_t>(x[c]);
+}
+
+// Prefetch the cache lines of one row of M (d values) towards L1: the sparse kernels read rows at random.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
+// How many rows ahead the gathering loops prefetch (a row of d = 640 fp32 is 40 cache lines).
+constexpr int64_t kAhead = 2;
+
+// acc += sum_j w[j] M[idx[j]] over one row's k pairs (zero weights skipped), prefetching kAhead rows ahead; the
+// last kAhead prefetches go to the next row's pairs `next`.
+template <typename acc_t, typename T>
+void combine_row(const int64_t* idx, const T* w, int64_t k, const T* M, int64_t d, const int64_t* next,
+                 acc_t* acc) {
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t ahead = j + kAhead;
+    prefetch_row(M + (ahead < k ? idx[ahead] : next[std::min(ahead - k, k - 1)]) * d, d);
+    const acc_t a = static_cast<acc_t>(w[j]);
+    if (a == acc_t(0)) continue;
+    axpy(a, M + idx[j] * d, acc, d);
+  }
+}
+
 }  // namespace
 
 at::Tensor gather_combine(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& M) {
@@ -66,17 +99,50 @@ at::Tensor gather_combine(const at::Tensor& idx, const at::Tensor& w, const at::
       std::vector<acc_t> acc(d);
       for (int64_t n = begin; n < end; ++n) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t a = static_cast<acc_t>(wp[n * k + j]);
-          if (a == acc_t(0)) continue;
-          const scalar_t* row = mp + ip[n * k + j] * d;
-          for (int64_t c = 0; c < d; ++c) acc[c] += a * static_cast<acc_t>(row[c]);
-        }
+        combine_row<acc_t>(ip + n * k, wp + n * k, k, mp, d, ip + std::min(n + 1, end - 1) * k, acc.data());
         for (int64_t c = 0; c < d; ++c) op[n * d + c] = static_cast<scalar_t>(acc[c]);
       }
     });
   });
   return out;
+}
+
+std::vector<at::Tensor> decode_residual(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& M,
+                                        const at::Tensor& b, const at::Tensor& X) {
+  // r[n] = sum_j w[n,j] M[idx[n,j]] + b - X[n];  D[n,j] = <r[n], M[idx[n,j]]> (the k rows are still in cache).
+  TORCH_CHECK(M.dim() == 2 && M.scalar_type() == w.scalar_type() && M.is_contiguous() && w.is_contiguous(),
+              "M must be a contiguous [F, d] tensor with the dtype of w");
+  TORCH_CHECK(idx.sizes() == w.sizes(), "indices and weights must both be [N, k]");
+  TORCH_CHECK(X.dim() == 2 && X.size(0) == idx.size(0) && X.size(1) == M.size(1) && X.is_contiguous() &&
+                  X.scalar_type() == M.scalar_type() && b.dim() == 1 && b.size(0) == M.size(1) &&
+                  b.is_contiguous() && b.scalar_type() == M.scalar_type(),
+              "X must be a contiguous [N, d] and b a [d] tensor of M's dtype");
+  check_index(idx, M.size(0));
+  const int64_t N = idx.size(0), k = idx.size(1), d = M.size(1);
+  auto r = at::empty({N, d}, M.options());
+  auto D = at::empty({N, k}, M.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, M.scalar_type(), "decode_residual", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* mp = M.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* xp = X.data_ptr<scalar_t>();
+    scalar_t* rp = r.data_ptr<scalar_t>();
+    scalar_t* Dp = D.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* x = xp + n * d;
+        for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(bp[c]) - static_cast<acc_t>(x[c]);
+        combine_row<acc_t>(ip + n * k, wp + n * k, k, mp, d, ip + std::min(n + 1, end - 1) * k, acc.data());
+        scalar_t* rn = rp + n * d;
+        for (int64_t c = 0; c < d; ++c) rn[c] = static_cast<scalar_t>(acc[c]);
+        for (int64_t j = 0; j < k; ++j) Dp[n * k + j] = static_cast<scalar_t>(dot<acc_t>(rn, mp + ip[n * k + j] * d, d));
+      }
+    });
+  });
+  return {r, D};
 }
 
 at::Tensor pair_dot(const at::Tensor& idx, const at::Tensor& G, const at::Tensor& M) {
@@ -96,6 +162,7 @@ at::Tensor pair_dot(const at::Tensor& idx, const at::Tensor& G, const at::Tensor
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* g = gp + n * d;
         for (int64_t j = 0; j < k; ++j) {
+          prefetch_row(mp + ip[std::min(n * k + j + kAhead, N * k - 1)] * d, d);
           const scalar_t* row = mp + ip[n * k + j] * d;
           op[n * k + j] = static_cast<scalar_t>(dot<acc_t>(g, row, d));
         }
@@ -111,7 +178,7 @@ std::vector<at::Tensor> segment_reduce(const at::Tensor& order, const at::Tensor
   TORCH_CHECK(w.dim() == 2 && X.dim() == 2 && w.size(0) == X.size(0) && w.scalar_type() == X.scalar_type(),
               "w must be [N, k] and X [N, d] of one dtype");
   TORCH_CHECK(order.numel() == w.numel(), "reverse index does not match the [N, k] weights");
-  const int64_t F = offsets.numel() - 1, k = w.size(1), d = X.size(1);
+  const int64_t F = offsets.numel() - 1, k = w.size(1), d = X.size(1), P = order.numel();
   auto out = at::empty({F, d}, X.options());
   auto sums = at::empty({with_sum ? F : 0}, X.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "segment_reduce", [&] {
@@ -129,11 +196,11 @@ std::vector<at::Tensor> segment_reduce(const at::Tensor& order, const at::Tensor
         acc_t total = 0;
         for (int64_t p = offp[f]; p < offp[f + 1]; ++p) {
           const int64_t q = qp[p];
+          prefetch_row(xp + (qp[std::min(p + kAhead, P - 1)] / k) * d, d);
           const acc_t a = static_cast<acc_t>(wp[q]);
           total += a;
           if (a == acc_t(0)) continue;
-          const scalar_t* row = xp + (q / k) * d;
-          for (int64_t c = 0; c < d; ++c) acc[c] += a * static_cast<acc_t>(row[c]);
+          axpy(a, xp + (q / k) * d, acc.data(), d);
         }
         for (int64_t c = 0; c < d; ++c) op[f * d + c] = static_cast<scalar_t>(acc[c]);
         if (sp) sp[f] = static_cast<scalar_t>(total);
@@ -241,6 +308,7 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& pre, int64_t k) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sae-fast CPU kernels: sparse gather-combine, pair dot products, reverse-index segmented reduction";
   m.def("gather_combine", &gather_combine, "out[n] = sum_j w[n,j] M[idx[n,j]]");
+  m.def("decode_residual", &decode_residual, "(r, D): r[n] = sum_j w[n,j] M[idx[n,j]] + b - X[n], D[n,j] = <r[n], M[idx[n,j]]>");
   m.def("pair_dot", &pair_dot, "out[n,j] = <G[n], M[idx[n,j]]>");
   m.def("reverse_index", &reverse_index, "pairs grouped by feature: (order, offsets)");
   m.def("topk_rows", &topk_rows, "the k largest of each row, unordered: (values, indices)");

@@ -119,8 +119,8 @@ def _pad_dense(z: torch.Tensor) -> SparseCode:
 
 class _MeanSquaredNorm(torch.autograd.Function):
     """mean over rows of ||r||^2, keeping only r itself for backward, where r's buffer becomes the gradient
-    2 r / N in place. With r = x_hat - x computed in x_hat's buffer, the loss adds no [N, d] temporaries; this
-    is what keeps the training step's peak memory at ~2 [N, d] buffers (x and r)."""
+    2 r / N in place. With r = x_hat - x computed in x_hat's buffer, the loss adds no [N, d] temporaries (the
+    TopK-style losses use ops.sparse_mse, which needs no gradient buffer at all)."""
 
     @staticmethod
     def forward(ctx, r):
@@ -191,8 +191,8 @@ class SparseAutoencoder(nn.Module):
     def loss(self, x: torch.Tensor) -> SAELoss:
         """Reconstruction MSE plus AuxK on dead latents (TopK-style SAEs; ReLU and Gated override this)."""
         code = self.encode(x)
-        residual = self.decode(code).sub_(x)  # x_hat - x, in x_hat's buffer
-        mse = _mean_sq(residual)
+        mse, residual = ops.sparse_mse(code.indices, code.values, self.W_dec, self.b_pre, x,
+                                       backend=self.cfg.backend)  # residual = x_hat - x
         aux = self.aux_loss(x, residual)
         return SAELoss(mse + self.cfg.aux_coeff * aux, mse, aux, mse.new_zeros(()), code)
 
