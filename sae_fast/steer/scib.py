@@ -10,7 +10,7 @@ scib-metrics' code: this module only prepares the inputs and renames the columns
 
 The kNN graph (90 neighbours, self included; scib-metrics subsets it to 15 and 50) is computed once per
 embedding by `knn`: scikit-learn's exact search up to `EXACT_MAX_CELLS` cells, pynndescent (scib-metrics'
-default, approximate) above. `sae-fast bench scib` measured exact 5.5x / 3.5x / 2.3x faster at 10,000 / 20,000 /
+default, approximate) above. `sae-fast bench scib` measured exact 5.6x / 4.9x / 3.5x faster at 10,000 / 20,000 /
 40,000 cells (the O(n^2) distances catch up with n; 50,000 extrapolates that trend, unmeasured).
 
 PCR comparison needs a pre-integration embedding: `pre_integrated` names it (the unintegrated PCA of
