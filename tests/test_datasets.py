@@ -58,27 +58,7 @@ def test_kang2018():
     assert isg[stim].mean() > 5 * isg[~stim].mean()
 
 
-def test_pbmc_demo():
-    adata = datasets.pbmc_demo()
-    assert adata.shape == (360, 8361)
-    _check_counts(adata)
-    assert dict(adata.obs["batch"].value_counts()) == {"10x 5'": 200, "10x 3' v1": 160}
-    counts = adata.obs["cell_type"].value_counts()
-    assert set(counts.index) == {"CD4 T", "CD8 T", "B", "NK", "CD14 Mono", "FCGR3A Mono", "DC", "other T"}
-    assert counts["B"] == 20 and counts["CD4 T"] == 40 + 100
-    fine = adata.obs.loc[adata.obs["dataset"] == "pbmc3k", "cell_type_fine"]
-    assert {"Naive CD4 T", "Memory CD4 T"} <= set(fine)
-    assert set(adata.uns["provenance"]) == {"pbmc3k160", "wu2020_tcells"}
-    # the 160 cells are a subset of the full PBMC3K, with the same counts
-    full = datasets.pbmc3k()
-    sub = adata[adata.obs["dataset"] == "pbmc3k"]
-    assert set(sub.obs_names) <= set(full.obs_names)
-    genes = list(sub.var_names[:500])
-    assert (full[sub.obs_names, genes].X != sub[:, genes].X).nnz == 0
-
-
-@pytest.mark.parametrize("loader,shape,batch", [(datasets.pbmc3k160, (160, 8674), "10x 3' v1"),
-                                                (datasets.pbmc68k_reduced, (700, 765), "10x 3' v1"),
+@pytest.mark.parametrize("loader,shape,batch", [(datasets.pbmc68k_reduced, (700, 765), "10x 3' v1"),
                                                 (datasets.wu2020_tcells, (200, 30727), "10x 5'"),
                                                 (datasets.celltypist_sample, (559, 32786), "10x")])
 def test_loaders(loader, shape, batch):
@@ -104,10 +84,10 @@ def test_write_counts_h5ad_roundtrip(tmp_path):
 
 def test_read(tmp_path):
     assert datasets.read("pbmc3k").shape == (2700, 32738)
-    assert datasets.read("pbmc3k160").shape == (160, 8674)
-    small = datasets.pbmc3k160()[:5].copy()
+    assert datasets.read("kang2018").shape == (13576, 14053)
+    small = datasets.pbmc3k()[:5].copy()
     small.write_h5ad(tmp_path / "s.h5ad")
-    assert datasets.read(tmp_path / "s.h5ad").shape == (5, 8674)
+    assert datasets.read(tmp_path / "s.h5ad").shape == (5, 32738)
     with pytest.raises(UserError, match="no such file"):
         datasets.read(tmp_path / "nope.h5ad")
     (tmp_path / "x.csv").write_text("a,b\n")

@@ -13,7 +13,7 @@ def setup():
     from sae_fast.sae import TopKSAE
 
     model = load_model("mini")
-    a = datasets.pbmc_demo()
+    a = datasets.kang2018()
     b = a.obs["batch"].astype(str).to_numpy()
     keep = np.concatenate([np.flatnonzero(b == v)[:10] for v in sorted(set(b))])
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ def test_debatch_command_writes_tidy_table_and_figures(tmp_path, capsys, monkeyp
     from sae_fast.sae import TopKSAE
     from sae_fast.sae.checkpoint import save_sae
 
-    a = datasets.pbmc_demo()
+    a = datasets.kang2018()
     b = a.obs["batch"].astype(str).to_numpy()
     keep = np.concatenate([np.flatnonzero(b == v)[:48] for v in sorted(set(b))])
     a[keep].copy().write_h5ad(tmp_path / "cells.h5ad")

@@ -114,6 +114,6 @@ def test_whole_cell_tokens_are_the_vocabulary():
     from sae_fast.activations.fused import fused_source
 
     model = sae_fast.load_model("mini")
-    adata = datasets.pbmc_demo()[:8].copy()
+    adata = datasets.pbmc3k()[:8].copy()
     src = fused_source(model, adata, 1, tokens="all", cells_per_batch=8)
     assert src.n_tokens == 8 * len(model.genes)

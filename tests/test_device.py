@@ -35,7 +35,7 @@ def test_policy_in_one_place(gpu_machine):
 def test_extract_device_cpu_on_a_gpu_machine_is_float32(gpu_machine, tmp_path, capsys):
     """`sae-fast extract --device cpu` writes the same activations as a float32 model on the CPU."""
     out = tmp_path / "acts"
-    adata = sae_fast.datasets.pbmc_demo()[:6].copy()
+    adata = sae_fast.datasets.pbmc3k()[:6].copy()
     adata.write_h5ad(tmp_path / "cells.h5ad")
     assert main(["extract", "--model", "mini", "--data", str(tmp_path / "cells.h5ad"), "--layer", "1", "--out",
                  str(out), "--device", "cpu", "--dtype", "float32", "-q"]) == 0

@@ -37,7 +37,7 @@ def cells(tmp_path_factory):
     """A small valid AnnData of the bundled demo cells (raw counts, CSR)."""
     from sae_fast import datasets
 
-    return datasets.pbmc_demo()[:10].copy()
+    return datasets.pbmc3k()[:10].copy()
 
 
 def write_h5ad(tmp_path, adata, name="cells.h5ad"):

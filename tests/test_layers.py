@@ -8,7 +8,7 @@ def test_layers_command_table_and_figure(tmp_path):
     from sae_fast.cli import main
 
     cfg = tmp_path / "layers.toml"
-    cfg.write_text('[model]\nname = "mini"\n[data]\npath = "pbmc_demo"\n'
+    cfg.write_text('[model]\nname = "mini"\n[data]\npath = "kang2018"\n'
                    '[sae]\narch = "topk"\nk = 4\nn_features = 64\nepochs = 1\nbatch_size = 256\n')
     out = tmp_path / "out"
     assert main(["layers", str(cfg), "--out", str(out), "-q", "--layers", "0", "2", "--max-cells", "24",

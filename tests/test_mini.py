@@ -1,5 +1,6 @@
-"""The embedded `mini` models: v1 loads from package data; v2's pretraining recipe (stratified seeded split, gene
-choice, resumable training that ends where an uninterrupted run ends) and its held-out evaluation."""
+"""The embedded `mini` model: it loads from package data with its log; its pretraining recipe (stratified
+seeded split, gene choice, warm restarts, resumable training that ends where an uninterrupted run ends) and its
+held-out evaluation."""
 
 from __future__ import annotations
 
@@ -16,16 +17,32 @@ from sae_fast.models.aido_cell import aido_cell_genes
 from sae_fast.models.registry import mini_path
 
 
-def test_mini_v1_loads():
+def test_mini_loads_with_its_recipe_and_heldout_scores():
     mini = load_model("mini")
     log = json.loads((mini_path() / "training_log.json").read_text())
-    assert mini.name == "mini" and (mini.n_layers, mini.d_model) == (4, 128)
+    assert mini.name == "mini" and (mini.n_layers, mini.d_model, len(mini.genes)) == (6, 128, pm.N_GENES)
     assert mini.bert.position_embedding.weight.dtype == torch.float32
-    demo = datasets.pbmc_demo()
-    assert len(mini.genes) == 1024 and set(mini.genes) <= set(demo.var_names) & set(aido_cell_genes())
-    assert mini.prepare(demo).alignment.missing_from_data == []
+    assert set(mini.genes) <= set(aido_cell_genes())
+    assert mini.prepare(datasets.pbmc3k()[:2]).alignment.missing_from_data == []  # every gene is measured
     assert "NOT AIDO.Cell-100M" in log["what"]
-    assert log["heldout_masked_mse"] < log["heldout_baseline_per_gene_mean_mse"]
+    assert log["n_train_cells"] + log["n_heldout_cells"] == 17_035 and len(log["heldout_cells"]) == 1_718
+    settings = pm.PretrainSettings()
+    assert log["settings"] == json.loads(json.dumps(dataclasses.asdict(settings)))  # the recipe's defaults
+    assert log["history"][-1]["step"] == pm.total_steps(settings) - 1
+    h = log["heldout"]
+    assert h["labelled_model_mse"] < h["labelled_per_gene_mean_mse"]
+    assert h["labelled_gap_closed"] == pytest.approx(
+        (h["labelled_per_gene_mean_mse"] - h["labelled_model_mse"])
+        / (h["labelled_per_gene_mean_mse"] - h["labelled_per_cell_type_mean_mse"]))
+
+
+def test_warm_restarts_continue_the_first_cycle():
+    one = pm.PretrainSettings(steps=300, warmup=10)
+    two = dataclasses.replace(one, restarts=(200,), restart_lr=1e-3)
+    f, g = pm._lr_lambda(one), pm._lr_lambda(two)
+    assert [f(s) for s in range(300)] == [g(s) for s in range(300)]  # a checkpoint of `one` resumes under `two`
+    assert f(299) < 1e-3 and g(300) == pytest.approx(0.5 / 10) and g(309) == pytest.approx(0.5, rel=1e-3)
+    assert g(499) < 1e-4 and pm.total_steps(two) == 500
 
 
 def test_split_is_stratified_and_seeded():
@@ -63,7 +80,7 @@ def test_masked_value_scores_match_numpy():
 
 @pytest.fixture(scope="module")
 def tiny_cells():
-    adata = datasets.pbmc3k160()
+    adata = datasets.pbmc3k()[::15].copy()  # 180 cells
     adata.obs["stratum"] = adata.obs["cell_type_fine"].astype(str)
     return adata
 

@@ -28,7 +28,7 @@ name = "mini"
 batch_size = 4
 
 [data]
-path = "pbmc_demo"
+path = "pbmc3k"
 max_cells = {cells}
 
 [extract]

@@ -14,7 +14,7 @@ def test_both_ers_forms_equal_float64_reference():
     from sae_fast.steer import embedding_recovery
 
     model = load_model("mini")
-    a = datasets.pbmc_demo()[::40].copy()  # 9 cells of both chemistries
+    a = datasets.kang2018()[::1500].copy()  # 10 cells of both conditions (batches)
     torch.manual_seed(0)
     sae = TopKSAE(model.d_model, 64, k=8)
     layer = 1

@@ -53,7 +53,7 @@ def probe_stages(monkeypatch):
     run_config.sections.cache_clear()
 
 
-BASE = ["model.name=mini", "data.path=pbmc_demo", "data.max_cells=6", "extract.layer=1"]
+BASE = ["model.name=mini", "data.path=pbmc3k", "data.max_cells=6", "extract.layer=1"]
 
 
 def test_optional_section_runs_its_stage(probe_stages, tmp_path):

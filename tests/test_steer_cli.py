@@ -14,7 +14,7 @@ from sae_fast.cli import main
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("steer_cli")
-    adata = datasets.pbmc_demo()
+    adata = datasets.pbmc3k()
     ct = adata.obs["cell_type"].astype(str).to_numpy()
     rows = np.r_[np.flatnonzero(ct == "CD4 T")[:4], np.flatnonzero(ct == "CD8 T")[:4]]
     adata[rows].copy().write_h5ad(tmp / "cells.h5ad")
@@ -84,7 +84,7 @@ def test_steer_stage_in_a_run(tmp_path):
 name = "mini"
 batch_size = 4
 [data]
-path = "pbmc_demo"
+path = "pbmc3k"
 max_cells = 24
 [extract]
 layer = 1

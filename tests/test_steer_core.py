@@ -330,7 +330,7 @@ def _geneformer():
 def _mini():
     from sae_fast import datasets, load_model
 
-    adata = datasets.pbmc_demo()
+    adata = datasets.pbmc3k()
     return load_model("mini"), adata[:6].copy()
 
 

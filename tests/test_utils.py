@@ -36,7 +36,7 @@ def test_resume_message_honours_quiet(tmp_path, monkeypatch, capsys):
     from sae_fast import utils
 
     model = sae_fast.load_model("mini")
-    adata = sae_fast.datasets.pbmc_demo()[:4].copy()
+    adata = sae_fast.datasets.pbmc3k()[:4].copy()
     forward = model.forward
 
     def interrupted(out):

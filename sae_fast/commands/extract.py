@@ -17,7 +17,7 @@ its own block of cells and rank 0 writes the combined manifest.
 Disk: tokens x d x 2 bytes in float16 (AIDO.Cell-100M, all tokens: 19,264 x 640 x 2 = 24.7 MB per cell).
 
 Examples:
-  sae-fast extract --model mini --data pbmc_demo --layer 3 --out acts/ --tokens sample:256
+  sae-fast extract --model mini --data pbmc3k --layer 3 --out acts/ --tokens sample:256
   sae-fast extract --model aido_cell_100m:AIDO.Cell-100M --data pbmc3k.h5ad --layer 12 --out acts/ --resume
 """
 
@@ -27,7 +27,7 @@ def add_arguments(parser):
                         help="model name (mini, aido_cell_3m/10m/100m/650m, aido_cell, scgpt, geneformer), "
                         "with ':PATH' to its checkpoint directory for every model except mini")
     parser.add_argument("--data", required=True, metavar="FILE.h5ad",
-                        help="cells as raw counts: an .h5ad file or a bundled data set (pbmc_demo, pbmc3k)")
+                        help="cells as raw counts: an .h5ad file or a bundled data set (pbmc3k, kang2018)")
     add_counts_argument(parser)
     parser.add_argument("--layer", required=True, type=int,
                         help="output of block L counted from 0, before the final norm")

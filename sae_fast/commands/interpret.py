@@ -17,7 +17,7 @@ Writes OUT/tables/*.parquet (CSV without pyarrow), OUT/summary.json and OUT/anno
 obsm['X_sae_max'], obsm['X_sae_mean'] and the tables in uns); prints a short summary.
 
 Examples:
-  sae-fast interpret --sae run/sae --model mini --data pbmc_demo --layer 3 --out run/interpret
+  sae-fast interpret --sae run/sae --model mini --data pbmc3k --layer 3 --out run/interpret
   sae-fast interpret --sae sae/ --model aido_cell_100m:AIDO.Cell-100M --data pbmc3k.h5ad --layer 12 \\
       --out interp/ --gene-filter code --top-rule code --s 1.0 --features 17 42
 """
@@ -33,9 +33,9 @@ def add_arguments(parser):
     parser.add_argument("--model", default="mini", metavar="NAME[:PATH]",
                         help="the model the SAE was trained on: mini, aido_cell_100m:DIR, scgpt:DIR, "
                         "geneformer:DIR (default: mini)")
-    parser.add_argument("--data", default="pbmc_demo", metavar="FILE.h5ad",
+    parser.add_argument("--data", default="pbmc3k", metavar="FILE.h5ad",
                         help="cells as raw counts: an .h5ad file or a bundled data set name "
-                        "(default: pbmc_demo)")
+                        "(default: pbmc3k)")
     add_counts_argument(parser)
     parser.add_argument("--layer", type=int, help="block L the SAE reads (default with --shards: the shards' "
                         "layer)")

@@ -71,9 +71,10 @@ def _flag_overrides(args) -> list[str]:
 def run(args):
     from pathlib import Path
 
-    from sae_fast import load_model, load_sae
+    from sae_fast import load_sae
     from sae_fast.errors import UserError
     from sae_fast.run import load_config, read_cells
+    from sae_fast.run.config import model_for
     from sae_fast.run.context import Context
     from sae_fast.run.folder import RunFolder
     from sae_fast.run.steer import check, run_steering, summary_lines
@@ -89,7 +90,9 @@ def run(args):
     sae_dir = args.sae or config.run.sae or (run_dir / "sae" if run_dir else None)
     if sae_dir is None:
         raise UserError("no SAE: pass --sae DIR, --run DIR (a finished run folder) or set [run] sae")
-    model = load_model(config.model.name, path=config.model.path)
+    d = config.data
+    adata = read_cells(d.path, d.counts, d.max_cells)
+    model = model_for(config, adata)
     try:
         model.check_layer(config.extract.layer)
     except UserError as e:
@@ -98,8 +101,6 @@ def run(args):
     if sae.W_dec.shape[1] != model.d_model:
         raise UserError(f"{sae_dir}: the SAE reads d = {sae.W_dec.shape[1]} but {model.name} has d_model = "
                         f"{model.d_model}")
-    d = config.data
-    adata = read_cells(d.path, d.counts, d.max_cells)
     out = Path(args.out) if args.out else (run_dir or Path("runs") / f"{Path(args.config).stem}-steer")
     folder = RunFolder(out)
     ctx = Context(config=config, folder=folder, model=model, adata=adata)

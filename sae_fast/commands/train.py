@@ -19,7 +19,7 @@ dead-latent counters are averaged, and only rank 0 writes.
 
 Examples:
   sae-fast train --shards acts/ --out sae/ --arch topk --k 32 --expansion 8
-  sae-fast train --model mini --data pbmc_demo --layer 3 --out sae/ --tokens sample:256 --epochs 2
+  sae-fast train --model mini --data pbmc3k --layer 3 --out sae/ --tokens sample:256 --epochs 2
 """
 
 SOURCE_OPTIONS = ("tokens", "cells_per_batch", "buffer_tokens")
@@ -40,7 +40,7 @@ def add_arguments(parser):
     src.add_argument("--model", metavar="NAME[:PATH]", help="train fused inside this model's forward pass "
                      "(mini, aido_cell_100m:DIR, ...)")
     src.add_argument("--data", metavar="FILE.h5ad", help="cells as raw counts for --model (.h5ad or a "
-                     "bundled name such as pbmc_demo)")
+                     "bundled name such as pbmc3k)")
     add_counts_argument(src)
     add_device_arguments(src, device=False)
     src.add_argument("--layer", type=int, help="block L whose output the SAE reads (with --model)")

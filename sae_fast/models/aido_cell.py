@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from sae_fast.errors import CheckpointError, UserError
 from sae_fast.models.base import CellBatch, GeneAlignment, Hook, ModelOutput, PreparedData, ScFM
 from sae_fast.models.checkpoint import check_state_dict, load_weights_only
 from sae_fast.models.genes import nonempty_rows, vocabulary_keys
+
+_POSITION_KEY = "bert.position_embedding.weight"
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +316,31 @@ class AIDOCell(ScFM):
                                   dropped_from_data=[g for j, g in enumerate(names) if j not in used],
                                   routes=routes)
         return cols, alignment
+
+    def restrict(self, genes: Sequence[str]) -> AIDOCell:
+        """This model on a smaller gene context: a model whose vocabulary is `genes` (a subset of this one's, kept
+        in this vocabulary's order), sharing every weight but the position embedding, of which it keeps the rows
+        of those genes and of the depth tokens. Its forward pass equals this model's on inputs that hold only
+        those genes at their own positions (`inputs["positions"]`, as in gene-subset pretraining): attention
+        costs (n / G)^2 of the full context's. A cheaper, non-standard context: AIDO.Cell itself always reads
+        all of its genes."""
+        wanted = set(genes)
+        unknown = [g for g in wanted if g not in self._gene_index]
+        if unknown:
+            raise UserError(f"context gene(s) {', '.join(sorted(unknown)[:5])} not in {self.name}'s "
+                            f"{len(self.genes)}-gene vocabulary")
+        if not wanted:
+            raise UserError("an empty gene context")
+        idx = sorted(self._gene_index[g] for g in wanted)
+        G = len(self.genes)
+        cfg = dataclasses.replace(self.config, max_position_embeddings=len(idx))
+        small = AIDOCell(cfg, [self.genes[i] for i in idx], embedding=self.embedding_rule)
+        small.name = self.name
+        state = self.state_dict()
+        rows = torch.tensor(idx + list(range(G, G + N_DEPTH_TOKENS)), device=state[_POSITION_KEY].device)
+        state[_POSITION_KEY] = state[_POSITION_KEY].index_select(0, rows)
+        small.load_state_dict(state, assign=True)
+        return small.train(self.training)
 
     # ------------------------------------------------------------------ model
     def embed(self, values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

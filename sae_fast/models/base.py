@@ -12,7 +12,7 @@ HF `hidden_states[L+1]`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -137,6 +137,11 @@ class ScFM(nn.Module):
                 if stop:
                     return h, hidden, True
         return h, hidden, False
+
+    def restrict(self, genes: Sequence[str]) -> ScFM:
+        """The model on a gene context that is a subset of its vocabulary (AIDO.Cell's family only)."""
+        raise UserError(f"{self.name} chooses its own input tokens, so [model] context applies only to AIDO.Cell "
+                        "models (mini, aido_cell_*); leave context = \"all\"")
 
     def check_layer(self, layer: int | None) -> None:
         if layer is not None and not 0 <= layer < self.n_layers:

@@ -201,4 +201,54 @@ def count_rows(adata, rows: np.ndarray, P: sp.csr_matrix, *, layer: str | None, 
     return np.asarray((Xb @ P).todense(), dtype=np.float64), totals
 
 
-__all__ = ["count_rows", "gene_projection", "id_table", "match_genes", "nonempty_rows", "vocabulary_keys"]
+__all__ = ["context_genes", "count_rows", "gene_projection", "id_table", "match_genes", "nonempty_rows",
+           "parse_context", "vocabulary_keys"]
+
+
+def context_genes(model, adata, spec: str, *, gene_key: str | None = None) -> list[str] | None:
+    """The genes that `spec` ([model] context: all, hvg:N or a file of gene names) names, in vocabulary
+    order; None for "all". hvg:N ranks the genes as scanpy's seurat flavour does, on log1p-CP10k of `adata`."""
+    from pathlib import Path
+
+    if spec == "all":
+        return None
+    if spec.startswith("hvg:"):
+        n = parse_context(spec)
+        import anndata as ad
+        import scanpy as sc
+
+        keys, _ = vocabulary_keys(adata, model.genes, gene_key=gene_key)
+        cols = {}
+        for j, key in enumerate(keys):
+            if key is not None:
+                cols.setdefault(key, j)
+        if len(cols) < n:
+            raise UserError(f"context = {spec!r}: the data measures only {len(cols)} of {model.name}'s "
+                            f"{len(model.genes)} genes; ask for at most hvg:{len(cols)}")
+        names = list(cols)
+        X = adata.X[:, list(cols.values())]
+        sub = ad.AnnData(X.astype(np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
+        sub.var_names = names
+        sc.pp.normalize_total(sub, target_sum=1e4)
+        sc.pp.log1p(sub)
+        hvg = sc.pp.highly_variable_genes(sub, flavor="seurat", n_top_genes=n, inplace=False)
+        chosen = set(np.asarray(names)[hvg["highly_variable"].to_numpy()])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"context = {spec!r}: not 'all', 'hvg:N' or an existing file of gene names")
+        chosen = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        unknown = sorted(chosen - set(model.genes))
+        if unknown:
+            raise UserError(f"{path}: gene(s) {', '.join(unknown[:5])} not in {model.name}'s vocabulary")
+    return [g for g in model.genes if g in chosen]
+
+
+def parse_context(spec: str) -> int | None:
+    """The N of "hvg:N" (None for "all" or a file), or a UserError for a malformed "hvg:" spec."""
+    if not spec.startswith("hvg:"):
+        return None
+    n = spec[4:]
+    if not n.isdigit() or int(n) < 1:
+        raise UserError(f"context = {spec!r}: write hvg:N with N a positive integer, e.g. hvg:1024")
+    return int(n)

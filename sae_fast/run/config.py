@@ -17,6 +17,10 @@ from sae_fast.config import build, load_toml, option, to_dict
 from sae_fast.errors import UserError
 
 CORE = ("model", "data", "extract", "sae", "interpret", "run")
+CONTEXT_HELP = ("the gene context of an AIDO.Cell model: all (every vocabulary gene, as AIDO.Cell and [Y]), "
+                "hvg:N (the N most variable of the vocabulary genes that the data measures: scanpy's seurat "
+                "flavour on log1p-CP10k; attention then costs (N / G)^2 of the full context's) or a text file of "
+                "gene names, one per line")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class ModelSection:
                          "cuda:1; the SAE trains on sae.device")
     dtype: str = option("auto", "the model's dtype: auto = bfloat16 on CUDA, float32 on the CPU",
                         choices=["auto", "float32", "bfloat16", "float16"])
+    context: str = option("all", CONTEXT_HELP)
 
 
 @dataclass
@@ -41,7 +46,7 @@ class DataSection:
     """[data]: the cells, as raw counts."""
 
     path: str = option("pbmc3k", "an .h5ad file, or a bundled data set name (pbmc3k: the full PBMC3K, [Y]'s "
-                       "data; pbmc3k160, pbmc_demo, kang2018, pbmc68k_reduced, wu2020_tcells, "
+                       "data; kang2018, pbmc68k_reduced, wu2020_tcells, "
                        "celltypist_sample)")
     counts: str = option("X", "where the raw integer counts are: X, raw (adata.raw.X) or a key of "
                          "adata.layers")
@@ -202,6 +207,19 @@ def load_model_on(name: str, path: str | None, device: str = "auto", dtype: str 
     except RuntimeError as e:
         raise UserError(f"device {device!r}: {e}") from None
     return load_model(name, path=path, device=device, dtype=None if dtype == "auto" else getattr(torch, dtype))
+
+
+def model_for(config, adata):
+    """[model] loaded onto its device (`load_model_on`), on the gene context that [model] context chooses
+    from `adata` (sae_fast.models.genes.context_genes; "all": the whole vocabulary)."""
+    from sae_fast.models.genes import context_genes
+
+    model = load_model_on(config.model.name, config.model.path, config.model.device, config.model.dtype)
+    try:
+        genes = context_genes(model, adata, config.model.context)
+    except UserError as e:
+        raise UserError(f"model.{e}") from None
+    return model if genes is None else model.restrict(genes)
 
 
 def read_cells(path: str, counts: str = "X", max_cells: int | None = None, *, where: str = "data.counts"):

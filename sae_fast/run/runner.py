@@ -12,7 +12,8 @@ import numpy as np
 
 from sae_fast import utils
 from sae_fast.errors import UserError
-from sae_fast.run.config import RunConfig, load_model_on, read_cells
+from sae_fast.models.genes import parse_context
+from sae_fast.run.config import RunConfig, model_for, read_cells
 from sae_fast.run.context import Context
 from sae_fast.run.folder import RunFolder
 
@@ -56,13 +57,17 @@ def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Con
         parse_tokens(config.extract.tokens)
     except UserError as e:
         raise UserError(f"extract.{e}") from None
-    model = load_model_on(config.model.name, config.model.path, config.model.device, config.model.dtype)
+    try:
+        parse_context(config.model.context)
+    except UserError as e:
+        raise UserError(f"model.{e}") from None
+    data = config.data
+    adata = read_cells(data.path, data.counts, data.max_cells)
+    model = model_for(config, adata)
     try:
         model.check_layer(config.extract.layer)
     except UserError as e:
         raise UserError(f"extract.layer: {e}") from None
-    data = config.data
-    adata = read_cells(data.path, data.counts, data.max_cells)
     try:  # aligns the genes and checks the counts (finite, non-negative integers) before any forward pass
         alignment = model.prepare(adata, batch_size=config.model.batch_size).alignment
     except UserError as e:

@@ -77,6 +77,8 @@ class ContrastConfig:
     lam: float = option(1e-3, "weight lambda of the L1 penalty sum |alpha - 1| ([Y]: 1e-3)")
     epochs: int = option(100, "optimisation epochs over the training source cells ([Y]: 100)")
     batch_size: int = option(4, "source cells per optimisation step ([Y]: 4)")
+    source_cells: int | None = option(None, "use only N of the source cells, drawn at random (seeded); default: "
+                                      "all", bounds="[2, inf)")
     heldout: float = option(0.2, "share of source cells never seen by the optimisation (their closer "
                             "fraction is reported apart)")
     snap: float = option(1e-4, "after each epoch, alphas within this distance of 1 are set to 1 ([Y]: 1e-4)")
@@ -435,10 +437,14 @@ def contrast(sae, model, adata, source: str, target: str, label: str, layer: int
                         "expression / unsquared or squared")
     if not 0 <= cfg.heldout < 1:
         raise UserError(f"heldout={cfg.heldout}: give a share in [0, 1)")
+    if cfg.source_cells is not None and cfg.source_cells < 2:
+        raise UserError(f"source_cells={cfg.source_cells}: give at least 2 (or None for all source cells)")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError(f"epochs={cfg.epochs}, batch_size={cfg.batch_size}: both must be >= 1")
     src = _cells_of(adata, label, source)
     tgt = _cells_of(adata, label, target)
+    if cfg.source_cells is not None and cfg.source_cells < src.size:
+        src = np.sort(np.random.default_rng([cfg.seed, 1]).choice(src, cfg.source_cells, replace=False))
     validate(sae, model, layer, [])
     enr = pd.DataFrame()
     if features is None:
