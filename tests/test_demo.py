@@ -20,6 +20,7 @@ import torch
 from sae_fast.cli import main
 from sae_fast.commands.demo import demo_config_path
 from sae_fast.run import load_config
+from sae_fast.run.config import model_for
 
 SHRINK = ["--set", "data.max_cells=48", "--set", "sae.epochs=1", "--set", "interpret.baselines=['raw']"]
 
@@ -71,8 +72,8 @@ def test_sae_numbers_are_the_held_out_evaluation(demo):
     held = np.flatnonzero(cells["set"].to_numpy() == "heldout")
     assert len(held) == 5 and (cells["set"] == "train").sum() == 43
     # the held-out shards are those cells' activations, and training never saw them
-    model = sae_fast.load_model("mini")
     adata = datasets.read(cfg.data.path)[: cfg.data.max_cells].copy()
+    model = model_for(cfg, adata)  # mini on the demo's gene context ([model] context), as the run
     assert list(cells["cell"]) == list(adata.obs_names)
     ours = sae_fast.open_shards(out / "shards" / "heldout")
     again = sae_fast.extract(model, adata[held].copy(), cfg.extract.layer, out.parent / "again",

@@ -16,7 +16,7 @@ from statsmodels.stats.multitest import multipletests
 from sae_fast.errors import UserError
 from sae_fast.interpret import benjamini_hochberg, load_gene_sets, ora
 
-PBMC = Path(__file__).resolve().parents[1] / "sae_fast" / "data" / "pbmc3k_decoupler160_counts.h5ad"
+PBMC = Path(__file__).resolve().parent / "fixtures" / "pbmc3k_decoupler160_counts.h5ad"
 
 
 def random_library(rng, n_genes=700, n_sets=150):

@@ -22,7 +22,7 @@ from sae_fast.interpret import (
 from sae_fast.models.base import CellBatch, GeneAlignment, PreparedData, ScFM
 from sae_fast.ops import SparseCode
 
-PBMC = Path(__file__).resolve().parents[1] / "sae_fast" / "data" / "pbmc3k_decoupler160_counts.h5ad"
+PBMC = Path(__file__).resolve().parent / "fixtures" / "pbmc3k_decoupler160_counts.h5ad"
 
 
 @pytest.fixture(scope="module")
