@@ -410,3 +410,29 @@ def test_cpp_build_failure_falls_back_to_torch(monkeypatch, caplog):
             ops.topk_encode(*make_encoder(3, 4, 6, "cpu"), 2, backend="cpp")
     finally:
         ops._cpp_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_topk_rows_matches_torch_topk_with_ties_and_infinities(dtype):
+    """The C++ row top-k (its AVX2 group-max path for fp32, the scalar one for fp64) against torch.topk: odd
+    widths (tails past the last whole vector, fewer values than one group), k from 1 to F, coarse values with
+    many exact ties (the k kept must then be the smallest indices among the tied), and -inf entries."""
+    kern = ops._cpp_kernels()
+    assert kern is not None, "the C++ extension did not build"
+    gen = torch.Generator().manual_seed(0)
+    for F in (1, 7, 8, 33, 100, 257, 1000, 5120, 5123):
+        for k in sorted({1, 2, 5, 32, 64, F} & set(range(1, min(F, 64) + 1)) | ({F} if F <= 64 else set())):
+            for kind in ("normal", "ties", "inf"):
+                pre = torch.randn(19, F, generator=gen, dtype=dtype)
+                if kind == "ties":
+                    pre = (pre * 2).round()
+                elif kind == "inf":
+                    pre[pre < 0.5] = float("-inf")
+                values, indices = kern.ext.topk_rows(pre.contiguous(), k)
+                assert values.shape == (19, k) and indices.dtype == torch.long
+                assert torch.equal(values, pre.gather(1, indices)), (F, k, kind)
+                ours = indices.sort(1).values
+                assert (ours.diff(dim=1) > 0).all(), (F, k, kind)  # k distinct features
+                # the reference: largest values first, ties broken by the smaller index (a stable sort)
+                ref = torch.sort(-pre, dim=1, stable=True).indices[:, :k].sort(1).values
+                assert torch.equal(ours, ref), (F, k, kind)

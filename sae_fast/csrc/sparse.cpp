@@ -17,8 +17,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <functional>
+#include <type_traits>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -281,6 +286,90 @@ void topk_row(const scalar_t* row, int64_t F, int64_t k, scalar_t* vout, int64_t
   }
 }
 
+#if defined(__AVX2__)
+// The k largest of one fp32 row with AVX2 (same contract as topk_row). Pass 1 takes the max of each group
+// (segment s, lane l): the first S * V of the row's 8-wide vectors are cut into S segments of V vectors, and the
+// elementwise max of a segment's vectors gives its 8 group maxima with no horizontal reduction (S = ceil(5k / 8)
+// rounded up to a multiple of 4, so ~5k groups; four segments are walked side by side, four independent max
+// chains, and NaN is caught by unordered compares of pairs). The k-th largest group max lo0 bounds the row's k-th
+// largest value from below, so pass 2 compares the row with lo0, four vectors at a time (one mask per 32 values;
+// the row is in L1 by then, and the next row is prefetched meanwhile), and collects the few candidates >= lo0
+// (~36 at F = 5120, k = 32); one nth_element over them picks the k (ties: the smaller index).
+void topk_row_avx2(const float* row, int64_t F, int64_t k, const float* next, float* vout, int64_t* iout,
+                   std::vector<float>& gmax, std::vector<int64_t>& cand) {
+  constexpr int64_t L = 8;
+  const int64_t nv = F / L;
+  const int64_t S = ((5 * k + L - 1) / L + 3) / 4 * 4;
+  const int64_t V = nv / S;  // 0: too few values for groups; every value is then a candidate
+  const int64_t grouped = V > 0 ? S * V * L : 0;
+  __m256 nan0 = _mm256_setzero_ps(), nan1 = _mm256_setzero_ps();
+  for (int64_t s = 0; V > 0 && s < S; s += 4) {
+    const float* p = row + s * V * L;
+    __m256 m0 = _mm256_loadu_ps(p), m1 = _mm256_loadu_ps(p + V * L);
+    __m256 m2 = _mm256_loadu_ps(p + 2 * V * L), m3 = _mm256_loadu_ps(p + 3 * V * L);
+    nan0 = _mm256_cmp_ps(m0, m1, _CMP_UNORD_Q);
+    nan1 = _mm256_or_ps(nan1, _mm256_cmp_ps(m2, m3, _CMP_UNORD_Q));
+    for (int64_t v = 1; v < V; ++v) {
+      const __m256 a0 = _mm256_loadu_ps(p + v * L), a1 = _mm256_loadu_ps(p + (V + v) * L);
+      const __m256 a2 = _mm256_loadu_ps(p + (2 * V + v) * L), a3 = _mm256_loadu_ps(p + (3 * V + v) * L);
+      m0 = _mm256_max_ps(m0, a0);
+      m1 = _mm256_max_ps(m1, a1);
+      m2 = _mm256_max_ps(m2, a2);
+      m3 = _mm256_max_ps(m3, a3);
+      nan0 = _mm256_or_ps(nan0, _mm256_cmp_ps(a0, a1, _CMP_UNORD_Q));
+      nan1 = _mm256_or_ps(nan1, _mm256_cmp_ps(a2, a3, _CMP_UNORD_Q));
+    }
+    nan1 = _mm256_or_ps(nan1, nan0);
+    float* g = gmax.data() + s * L;
+    _mm256_storeu_ps(g, m0);
+    _mm256_storeu_ps(g + L, m1);
+    _mm256_storeu_ps(g + 2 * L, m2);
+    _mm256_storeu_ps(g + 3 * L, m3);
+  }
+  bool any_nan = _mm256_movemask_ps(nan1) != 0;
+  for (int64_t f = grouped; f < F; ++f) any_nan |= row[f] != row[f];
+  if (any_nan) {
+    for (int64_t j = 0; j < k; ++j) {
+      vout[j] = std::numeric_limits<float>::quiet_NaN();
+      iout[j] = j;
+    }
+    return;
+  }
+  float lo0 = -std::numeric_limits<float>::infinity();
+  if (V > 0) {
+    std::nth_element(gmax.begin(), gmax.begin() + (k - 1), gmax.begin() + S * L, std::greater<float>());
+    lo0 = gmax[k - 1];
+  }
+  cand.clear();
+  const __m256 lo = _mm256_set1_ps(lo0);
+  auto collect = [&](int64_t v) {
+    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + v * L), lo, _CMP_GE_OQ)));
+    while (m) {
+      cand.push_back(v * L + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  };
+  const int64_t nq = nv / 4;
+  for (int64_t q = 0; q < nq; ++q) {
+    if (next) __builtin_prefetch(next + q * 4 * L), __builtin_prefetch(next + q * 4 * L + 16);
+    const float* p = row + q * 4 * L;
+    const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + L)),
+                                    _mm256_max_ps(_mm256_loadu_ps(p + 2 * L), _mm256_loadu_ps(p + 3 * L)));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(mx, lo, _CMP_GE_OQ)))
+      for (int64_t v = 4 * q; v < 4 * q + 4; ++v) collect(v);
+  }
+  for (int64_t v = 4 * nq; v < nv; ++v) collect(v);
+  for (int64_t f = nv * L; f < F; ++f)
+    if (row[f] >= lo0) cand.push_back(f);
+  auto larger = [row](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); };
+  if (static_cast<int64_t>(cand.size()) > k) std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), larger);
+  for (int64_t j = 0; j < k; ++j) {
+    iout[j] = cand[j];
+    vout[j] = row[cand[j]];
+  }
+}
+#endif
+
 }  // namespace
 
 std::vector<at::Tensor> topk_rows(const at::Tensor& pre, int64_t k) {
@@ -295,6 +384,20 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& pre, int64_t k) {
     const scalar_t* pp = pre.data_ptr<scalar_t>();
     scalar_t* vp = values.data_ptr<scalar_t>();
     int64_t* ip = indices.data_ptr<int64_t>();
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> gmax(F + 32);
+        std::vector<int64_t> cand;
+        cand.reserve(F);
+        for (int64_t r = begin; r < end; ++r)
+          topk_row_avx2(reinterpret_cast<const float*>(pp) + r * F, F, k,
+                        r + 1 < end ? reinterpret_cast<const float*>(pp) + (r + 1) * F : nullptr,
+                        reinterpret_cast<float*>(vp) + r * k, ip + r * k, gmax, cand);
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> bmax(F), tmp(F);
       std::vector<int64_t> cand;
