@@ -8,8 +8,9 @@ computes each of five pieces:
     gather_combine(idx, w, M)       out[n] = sum_j w[n, j] M[idx[n, j]]                   -> [N, d]
     pair_dot(idx, G, M)             out[n, j] = <G[n], M[idx[n, j]]>                      -> [N, k]
     segment_reduce(rev, w, X, F)    out[f] = sum_{(n, j): idx[n, j] = f} w[n, j] X[n]    -> [F, d] (+ sum w)
-    decode_residual(idx, w, M, b, X)  r = gather_combine(idx, w, M) + b - X, D = pair_dot(idx, r, M), in one
-                                    pass on the CPU (each row's k rows of M are read once)
+    decode_residual(idx, w, M, b, X)  r = gather_combine(idx, w, M) + b - X, D = pair_dot(idx, r, M), plus
+                                    sum ||r||^2 and sum_n r[n]; in one pass on the CPU (each row's k rows of M
+                                    are read once, and r[n] is summed while in L1)
 
 The sparse algebra is the same four lines for the encoder and the decoder (as in OpenAI sparse_autoencoder's
 kernels.py: a sparse-dense product and its transpose):
@@ -126,8 +127,10 @@ class TorchKernels:
         return torch.sparse.mm(S, M)
 
     def decode_residual(self, idx, w, M, b, X):
+        """(r, D, sq, colsum): r = decode + b - X, D = pair_dot(idx, r, M), sq = sum of r^2, colsum = r.sum(0)."""
         r = self.gather_combine(idx, w, M).add_(b).sub_(X)
-        return r, self.pair_dot(idx, r, M)
+        flat = r.reshape(-1)
+        return r, self.pair_dot(idx, r, M), torch.dot(flat, flat), r.sum(0)
 
     def pair_dot(self, idx, G, M):
         N, k = idx.shape
@@ -408,10 +411,13 @@ class SparseEncode(torch.autograd.Function):
         ctx.save_for_backward(x, W_enc, idx, gate)
         ctx.kern = kern
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # no [N, k] zeros for idx's (absent) gradient
         return idx, values
 
     @staticmethod
     def backward(ctx, _gidx, gvalues):
+        if gvalues is None:
+            return None, None, None, None, None, None, None
         x, W_enc, idx, gate = ctx.saved_tensors
         kern = ctx.kern
         g = torch.where(gate, gvalues, 0)
@@ -452,22 +458,25 @@ class SparseMSE(torch.autograd.Function):
 
     The forward also takes D = pair_dot(idx, r, W_dec) while each row's k decoder rows are in cache, so the
     backward reads no decoder row: with c = 2 dL/dmse / N, dvalues = c D, dW_dec = segment_reduce(rev, c values,
-    r), db = c sum_n r[n], dx = -c r. r is returned too (not differentiable: AuxK uses it detached)."""
+    r), db = c sum_n r[n] (summed in the forward's pass), dx = -c r. r is returned too (not differentiable: AuxK
+    uses it detached)."""
 
     @staticmethod
     def forward(ctx, indices, values, W_dec, b, x, kern):
         with torch.no_grad():
-            r, D = kern.decode_residual(indices, values, W_dec, b, x)
-            flat = r.reshape(-1)
-            mse = torch.dot(flat, flat) / max(r.shape[0], 1)
-        ctx.save_for_backward(indices, values, r, D)
+            r, D, sq, colsum = kern.decode_residual(indices, values, W_dec, b, x)
+            mse = (sq / max(r.shape[0], 1)).to(r.dtype)
+        ctx.save_for_backward(indices, values, r, D, colsum)
         ctx.kern, ctx.n_features = kern, W_dec.shape[0]
         ctx.mark_non_differentiable(r)
+        ctx.set_materialize_grads(False)  # r is not differentiable: no [N, d] zeros for its gradient
         return mse, r
 
     @staticmethod
     def backward(ctx, g, _gr):
-        indices, values, r, D = ctx.saved_tensors
+        if g is None:
+            return None, None, None, None, None, None
+        indices, values, r, D, colsum = ctx.saved_tensors
         kern = ctx.kern
         c = 2 * g / max(r.shape[0], 1)
         dvalues = D * c if ctx.needs_input_grad[1] else None
@@ -476,7 +485,7 @@ class SparseMSE(torch.autograd.Function):
             n_features = ctx.n_features
             dW, _ = kern.segment_reduce(kern.reverse_index(indices, n_features), values * c, r, n_features)
         if ctx.needs_input_grad[3]:
-            db = r.sum(0) * c
+            db = colsum * c
         if ctx.needs_input_grad[4]:
             dx = r * -c
         return None, dvalues, dW, db, dx, None

@@ -3,7 +3,8 @@
 //   gather_combine(idx[N,k], w[N,k], M[F,d])        out[n]    = sum_j w[n,j] * M[idx[n,j]]           -> [N,d]
 //   pair_dot(idx[N,k], G[N,d], M[F,d])              out[n,j]  = <G[n], M[idx[n,j]]>                  -> [N,k]
 //   decode_residual(idx, w, M, b[d], X[N,d])        r = gather_combine(idx, w, M) + b - X, D = pair_dot(idx, r, M)
-//                                                   in one pass (each row's k rows of M are read once)
+//                                                   in one pass (each row's k rows of M are read once), with
+//                                                   sum_n ||r[n]||^2 and sum_n r[n]
 //   segment_reduce(order, offsets, w[N,k], X[N,d])  out[f]    = sum over f's pairs q of w[q] * X[q/k] -> [F,d]
 //                                                   sums[f]   = sum over f's pairs q of w[q]          -> [F]
 //
@@ -61,6 +62,19 @@ inline void axpy(acc_t a, const T* __restrict x, acc_t* __restrict y, int64_t d)
   for (int64_t c = 0; c < d; ++c) y[c] += a * static_cast<acc_t>(x[c]);
 }
 
+// sum_c v[c]^2, and col[c] += v[c], in double (a pragma cannot sit inside the AT_DISPATCH macro's argument).
+template <typename T>
+double square_and_add(const T* v, double* __restrict col, int64_t d) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < d; ++c) {
+    const double x = static_cast<double>(v[c]);
+    s += x * x;
+    col[c] += x;
+  }
+  return s;
+}
+
 // Prefetch the cache lines of one row of M (d values) towards L1: the sparse kernels read rows at random.
 template <typename T>
 inline void prefetch_row(const T* row, int64_t d) {
@@ -114,7 +128,10 @@ at::Tensor gather_combine(const at::Tensor& idx, const at::Tensor& w, const at::
 
 std::vector<at::Tensor> decode_residual(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& M,
                                         const at::Tensor& b, const at::Tensor& X) {
-  // r[n] = sum_j w[n,j] M[idx[n,j]] + b - X[n];  D[n,j] = <r[n], M[idx[n,j]]> (the k rows are still in cache).
+  // r[n] = sum_j w[n,j] M[idx[n,j]] + b - X[n];  D[n,j] = <r[n], M[idx[n,j]]> (the k rows are still in cache);
+  // also, while each r[n] is in L1, sq = sum_n ||r[n]||^2 (a 0-dim double) and colsum = sum_n r[n] ([d], M's
+  // dtype): the MSE and the b gradient need no further pass over r. The sums go through per-block partials of
+  // kBlock rows in double, added in block order: the same bits for any thread count.
   TORCH_CHECK(M.dim() == 2 && M.scalar_type() == w.scalar_type() && M.is_contiguous() && w.is_contiguous(),
               "M must be a contiguous [F, d] tensor with the dtype of w");
   TORCH_CHECK(idx.sizes() == w.sizes(), "indices and weights must both be [N, k]");
@@ -124,8 +141,13 @@ std::vector<at::Tensor> decode_residual(const at::Tensor& idx, const at::Tensor&
               "X must be a contiguous [N, d] and b a [d] tensor of M's dtype");
   check_index(idx, M.size(0));
   const int64_t N = idx.size(0), k = idx.size(1), d = M.size(1);
+  constexpr int64_t kBlock = 64;
+  const int64_t nblk = (N + kBlock - 1) / kBlock;
   auto r = at::empty({N, d}, M.options());
   auto D = at::empty({N, k}, M.options());
+  auto colsum = at::empty({d}, M.options());
+  auto sq = at::empty({}, M.options().dtype(at::kDouble));
+  std::vector<double> part_col(nblk * d), part_sq(nblk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, M.scalar_type(), "decode_residual", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* ip = idx.data_ptr<int64_t>();
@@ -135,19 +157,36 @@ std::vector<at::Tensor> decode_residual(const at::Tensor& idx, const at::Tensor&
     const scalar_t* xp = X.data_ptr<scalar_t>();
     scalar_t* rp = r.data_ptr<scalar_t>();
     scalar_t* Dp = D.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nblk, 1, [&](int64_t bbegin, int64_t bend) {
       std::vector<acc_t> acc(d);
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* x = xp + n * d;
-        for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(bp[c]) - static_cast<acc_t>(x[c]);
-        combine_row<acc_t>(ip + n * k, wp + n * k, k, mp, d, ip + std::min(n + 1, end - 1) * k, acc.data());
-        scalar_t* rn = rp + n * d;
-        for (int64_t c = 0; c < d; ++c) rn[c] = static_cast<scalar_t>(acc[c]);
-        for (int64_t j = 0; j < k; ++j) Dp[n * k + j] = static_cast<scalar_t>(dot<acc_t>(rn, mp + ip[n * k + j] * d, d));
+      const int64_t end = std::min(bend * kBlock, N);
+      for (int64_t blk = bbegin; blk < bend; ++blk) {
+        double* col = part_col.data() + blk * d;
+        std::fill(col, col + d, 0.0);
+        double rowsq = 0;
+        for (int64_t n = blk * kBlock; n < std::min((blk + 1) * kBlock, N); ++n) {
+          const scalar_t* x = xp + n * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(bp[c]) - static_cast<acc_t>(x[c]);
+          combine_row<acc_t>(ip + n * k, wp + n * k, k, mp, d, ip + std::min(n + 1, end - 1) * k, acc.data());
+          scalar_t* rn = rp + n * d;
+          for (int64_t c = 0; c < d; ++c) rn[c] = static_cast<scalar_t>(acc[c]);
+          rowsq += square_and_add(rn, col, d);
+          for (int64_t j = 0; j < k; ++j) Dp[n * k + j] = static_cast<scalar_t>(dot<acc_t>(rn, mp + ip[n * k + j] * d, d));
+        }
+        part_sq[blk] = rowsq;
       }
     });
+    double total = 0;
+    std::vector<double> col(d, 0.0);
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      total += part_sq[blk];
+      for (int64_t c = 0; c < d; ++c) col[c] += part_col[blk * d + c];
+    }
+    sq.fill_(total);
+    scalar_t* cp = colsum.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < d; ++c) cp[c] = static_cast<scalar_t>(col[c]);
   });
-  return {r, D};
+  return {r, D, sq, colsum};
 }
 
 at::Tensor pair_dot(const at::Tensor& idx, const at::Tensor& G, const at::Tensor& M) {
@@ -411,7 +450,9 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& pre, int64_t k) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sae-fast CPU kernels: sparse gather-combine, pair dot products, reverse-index segmented reduction";
   m.def("gather_combine", &gather_combine, "out[n] = sum_j w[n,j] M[idx[n,j]]");
-  m.def("decode_residual", &decode_residual, "(r, D): r[n] = sum_j w[n,j] M[idx[n,j]] + b - X[n], D[n,j] = <r[n], M[idx[n,j]]>");
+  m.def("decode_residual", &decode_residual,
+        "(r, D, sq, colsum): r[n] = sum_j w[n,j] M[idx[n,j]] + b - X[n], D[n,j] = <r[n], M[idx[n,j]]>, "
+        "sq = sum_n ||r[n]||^2 (double), colsum = sum_n r[n]");
   m.def("pair_dot", &pair_dot, "out[n,j] = <G[n], M[idx[n,j]]>");
   m.def("reverse_index", &reverse_index, "pairs grouped by feature: (order, offsets)");
   m.def("topk_rows", &topk_rows, "the k largest of each row, unordered: (values, indices)");

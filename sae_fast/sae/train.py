@@ -289,7 +289,10 @@ def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tens
     sae.normalize_decoder()
     with torch.no_grad():
         F = sae.cfg.n_features
-        counts = torch.bincount(out.code.indices[out.code.values != 0], minlength=F + 1)
+        # how often each feature fired: a scatter of the [N, k] nonzero flags (no boolean-mask gather)
+        fired = (out.code.values != 0).reshape(-1).long()
+        counts = torch.zeros(F + 1, dtype=torch.long, device=x.device)
+        counts.index_add_(0, out.code.indices.reshape(-1), fired)
         counts[F] = x.shape[0]  # one extra slot carries the token count through the all-reduce
         if world > 1:
             dist.all_reduce(counts)
