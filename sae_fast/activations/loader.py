@@ -22,12 +22,16 @@ multiple of N so that every rank takes the same number of steps.
 
 Threads: batches are gathered by `threads` worker threads (numpy's gather releases the GIL), up to `threads + 1`
 batches ahead of the consumer, so that the copy overlaps the training step and scales with cores; the order of
-the batches does not depend on the thread count. `threads=0` gathers in the consumer's thread.
+the batches does not depend on the thread count. `threads=0` gathers in the consumer's thread. Batch arrays are
+recycled once the consumer has dropped them (`_BufferPool`): a fresh array per batch made the kernel fault in and
+zero 5 MB of pages per batch, as much work as the gather itself.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +41,34 @@ import torch
 from sae_fast.activations.distributed import world
 from sae_fast.activations.shards import Shards
 from sae_fast.errors import UserError
+
+
+class _BufferPool:
+    """Batch arrays handed out again once the consumer has let go of them.
+
+    A fresh 5 MB batch array costs as much as the gather itself: its pages are faulted in and zeroed by the
+    kernel (glibc returns large blocks to the system between batches). The pool keeps up to `cap` arrays and
+    reuses one only when nothing but the pool refers to it (CPython's reference count: a tensor made by
+    torch.from_numpy, and every view of either, holds a reference), so a batch the consumer still holds is never
+    overwritten."""
+
+    def __init__(self, cap: int):
+        self.cap, self.arrays, self.lock = cap, [], threading.Lock()
+
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        arrays = self.arrays
+        with self.lock:
+            # sys.getrefcount(arrays[i]) == 2 when free: the pool's list and getrefcount's own argument
+            free = [i for i in range(len(arrays)) if sys.getrefcount(arrays[i]) == 2]
+            for i in free:
+                if arrays[i].shape == shape and arrays[i].dtype == dtype:
+                    return arrays[i]
+            out = np.empty(shape, dtype)
+            if len(arrays) < self.cap:
+                arrays.append(out)
+            elif free:  # full: the slot of an unused array of another shape
+                arrays[free[0]] = out
+            return out
 
 
 class ShardLoader:
@@ -54,8 +86,8 @@ class ShardLoader:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.shards, self.batch_size, self.shuffle, self.seed = shards, int(batch_size), shuffle, seed
         self.epoch, self.with_ids, self.dtype, self.drop_last = epoch, with_ids, dtype, drop_last
-        # gather threads: by default one per 4 cores, 1 to 4 (the rest stay with torch; on a 2-core machine shared
-        # by other jobs a second gather thread measured slower, bench/results/loader.json)
+        # gather threads: by default one per 4 cores, 1 to 4 (the rest stay with torch, which trains meanwhile; on
+        # the 2-core bench machine a second thread streamed 1.45x faster, bench/results/loader.json)
         self.threads = min(4, max(1, (os.cpu_count() or 1) // 4)) if threads is None else int(threads)
         if self.threads < 0:
             raise UserError(f"threads must be >= 0 (0 = gather in the consumer's thread), got {threads}")
@@ -70,6 +102,9 @@ class ShardLoader:
         self.chunk_tokens = int(chunk_tokens or max(1, (1 << 20) // row_bytes))  # ~1 MB chunks
         # a window holds at least a batch and a chunk, so that every window yields a batch
         self.buffer_tokens = max(int(buffer_mb * 2**20 // row_bytes), self.batch_size + self.chunk_tokens)
+        # batch arrays in flight: threads + 1 gathered ahead, the one the consumer holds, and slack for a consumer
+        # that keeps one more (a pool that runs out just allocates)
+        self._pool = _BufferPool(self.threads + 4)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -173,7 +208,7 @@ class ShardLoader:
         rows = np.sort(rows)
         shard_of = np.searchsorted(s.offsets, rows, "right") - 1
         cuts = np.flatnonzero(np.diff(shard_of)) + 1
-        acts = np.empty((len(rows), s.d), s.array(0).dtype)
+        acts = self._pool.empty((len(rows), s.d), s.array(0).dtype)
         cells = np.empty(len(rows), np.int64) if self.with_ids else None
         genes = np.empty(len(rows), np.int32) if self.with_ids else None
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]])):
