@@ -143,3 +143,41 @@ def test_vocabulary_keys_priorities():
     assert keys == ["CD3E", None, None, None, None, None] and routes == {"var['gene_ids'] Ensembl->symbol": 1}
     with pytest.raises(UserError, match="no column 'symbols'"):
         vocabulary_keys(adata, SYMBOLS, gene_key="symbols")
+
+
+def test_a_runs_data_gene_key_and_empty_reach_every_stage(tmp_path):
+    """[data] gene_key names the var column of genes for every prepare() of the run's model; [data] empty =
+    "drop" takes the cells without counts (over the run's gene context) out of the AnnData once, up front."""
+    import warnings
+
+    from sae_fast import datasets
+    from sae_fast.run import load_config
+    from sae_fast.run.config import cells_and_model, model_for
+
+    a = datasets.pbmc3k()[:40].copy()
+    a.var = pd.DataFrame({"my_symbols": a.var_names.astype(str)}, index=[f"g{j}" for j in range(a.n_vars)])
+    X = a.X.toarray()
+    X[[3, 7]] = 0
+    a.X = sp.csr_matrix(X)
+    path = tmp_path / "cells.h5ad"
+    a.write_h5ad(path)
+    base = [f'data.path="{path}"', 'model.name="mini"', 'model.context="hvg:64"']
+    with pytest.raises(UserError, match="no gene"):
+        cells_and_model(load_config(None, base))
+    keyed = [*base, 'data.gene_key="my_symbols"']
+    context = model_for(load_config(None, keyed), a).genes
+    on_context = X[:, [list(a.var["my_symbols"]).index(g) for g in context]].sum(axis=1)
+    empty = np.flatnonzero(on_context == 0)  # the two zeroed cells, and any without counts on the 64 genes
+    assert {3, 7} <= set(empty.tolist())
+    with pytest.raises(UserError, match=f"cell {a.obs_names[empty[0]]!r} \\(and {len(empty) - 1} more\\)"):
+        cells_and_model(load_config(None, keyed))
+    with pytest.warns(UserWarning, match=f"dropped {len(empty)} of 40 cells"):
+        cells, model, alignment = cells_and_model(load_config(None, [*keyed, 'data.empty="drop"']))
+    assert list(cells.obs_names) == [c for i, c in enumerate(a.obs_names) if i not in empty]
+    assert alignment.dropped_cells == len(empty) and model.genes == context and model.gene_key == "my_symbols"
+    with warnings.catch_warnings():  # the run's later passes see no empty cell and need no gene_key=
+        warnings.simplefilter("error")
+        prepared = model.prepare(cells, batch_size=16)
+    assert prepared.n_cells == 40 - len(empty) and prepared.alignment.routes == {"var['my_symbols']": 64}
+    with pytest.raises(UserError, match="data.empty = 'skip'; choose one of"):
+        load_config(None, [*keyed, 'data.empty="skip"'])

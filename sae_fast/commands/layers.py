@@ -36,15 +36,14 @@ def run(args):
     from pathlib import Path
 
     from sae_fast.config import from_args
-    from sae_fast.run import load_config, read_cells
-    from sae_fast.run.config import model_for
+    from sae_fast.run import load_config
+    from sae_fast.run.config import cells_and_model
     from sae_fast.steer.recovery import LayersConfig, layer_curve, layer_figure
     from sae_fast.utils import atomic_path
 
     config = load_config(args.config, args.overrides)
     cfg = from_args(LayersConfig, args)
-    adata = read_cells(config.data.path, config.data.counts, config.data.max_cells)
-    model = model_for(config, adata)
+    adata, model, _ = cells_and_model(config)
     table = layer_curve(model, adata, config=cfg, train=config.sae)
     out = Path(args.out)
     with atomic_path(out / "tables" / "layers.csv") as tmp:

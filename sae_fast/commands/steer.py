@@ -73,8 +73,8 @@ def run(args):
 
     from sae_fast import load_sae
     from sae_fast.errors import UserError
-    from sae_fast.run import load_config, read_cells
-    from sae_fast.run.config import model_for
+    from sae_fast.run import load_config
+    from sae_fast.run.config import cells_and_model
     from sae_fast.run.context import Context
     from sae_fast.run.folder import RunFolder
     from sae_fast.run.steer import check, run_steering, summary_lines
@@ -90,9 +90,7 @@ def run(args):
     sae_dir = args.sae or config.run.sae or (run_dir / "sae" if run_dir else None)
     if sae_dir is None:
         raise UserError("no SAE: pass --sae DIR, --run DIR (a finished run folder) or set [run] sae")
-    d = config.data
-    adata = read_cells(d.path, d.counts, d.max_cells)
-    model = model_for(config, adata)
+    adata, model, _ = cells_and_model(config)
     try:
         model.check_layer(config.extract.layer)
     except UserError as e:

@@ -263,7 +263,7 @@ class AIDOCell(ScFM):
         with a warning (`cell_ids` keep the AnnData's row numbers)."""
         X, where = _counts_matrix(adata, layer)
         names = [str(g) for g in adata.var_names]
-        cols, alignment = self._align(adata, names, where, gene_key)
+        cols, alignment = self._align(adata, names, where, self.gene_key if gene_key is None else gene_key)
         _check_counts(X, adata, names, where)
         log.info("%s: %s", self.name, alignment.summary())
         G = len(self.genes)
@@ -294,7 +294,7 @@ class AIDOCell(ScFM):
                                 torch.from_numpy(ids), torch.ones(B, G + N_DEPTH_TOKENS, dtype=torch.bool),
                                 expression)
 
-        return PreparedData(batches, len(rows), batch_size, alignment)
+        return PreparedData(batches, rows, batch_size, alignment)
 
     def _align(self, adata, names: list[str], where: str, gene_key: str | None
                ) -> tuple[np.ndarray, GeneAlignment]:
@@ -335,7 +335,7 @@ class AIDOCell(ScFM):
         G = len(self.genes)
         cfg = dataclasses.replace(self.config, max_position_embeddings=len(idx))
         small = AIDOCell(cfg, [self.genes[i] for i in idx], embedding=self.embedding_rule)
-        small.name = self.name
+        small.name, small.gene_key = self.name, self.gene_key
         state = self.state_dict()
         rows = torch.tensor(idx + list(range(G, G + N_DEPTH_TOKENS)), device=state[_POSITION_KEY].device)
         state[_POSITION_KEY] = state[_POSITION_KEY].index_select(0, rows)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,10 +73,11 @@ class GeneAlignment:
 class PreparedData:
     """The iterable that `prepare` returns: re-iterable, with `len()` in batches and the gene alignment."""
 
-    def __init__(self, make_iter: Callable[[], Iterator[CellBatch]], n_cells: int, batch_size: int,
+    def __init__(self, make_iter: Callable[[], Iterator[CellBatch]], rows: np.ndarray, batch_size: int,
                  alignment: GeneAlignment):
         self._make_iter = make_iter
-        self.n_cells = n_cells
+        self.rows = rows  # the AnnData rows streamed, in order (cells without counts left out by empty="drop")
+        self.n_cells = len(rows)
         self.batch_size = batch_size
         self.alignment = alignment
 
@@ -91,6 +93,7 @@ class ScFM(nn.Module):
 
     name: str = "scfm"
     genes: list[str]  # the model's gene vocabulary, indexed by CellBatch.gene_ids
+    gene_key: str | None = None  # prepare()'s default gene_key: the adata.var column holding the genes
     n_layers: int
     d_model: int
 

@@ -142,7 +142,8 @@ class Geneformer(ScFM):
         median-scaled value (the value that was ranked). A cell without counts over the vocabulary is an error
         naming it, or with `empty="drop"` is left out with a warning (`cell_ids` keep the AnnData's rows)."""
         P, matched, alignment, kept = match_genes(
-            adata, self.genes, gene_key=gene_key, layer=layer, model="Geneformer", empty=empty,
+            adata, self.genes, gene_key=self.gene_key if gene_key is None else gene_key,
+            layer=layer, model="Geneformer", empty=empty,
             no_overlap="no gene of the AnnData is in Geneformer's token dictionary, which uses Ensembl ids (e.g. "
                        "'ENSG00000167286'), nor maps to it as a symbol: add adata.var['ensembl_id'] or pass "
                        "gene_key=")
@@ -160,7 +161,7 @@ class Geneformer(ScFM):
                     scaled = np.where(X > 0, X / total[:, None] * 10_000 / median, 0.0)
                 yield self._tokenise(scaled, rows, matched)
 
-        return PreparedData(batches, len(kept), batch_size, alignment)
+        return PreparedData(batches, kept, batch_size, alignment)
 
     def _tokenise(self, scaled: np.ndarray, rows: np.ndarray, gene_of_col: np.ndarray) -> CellBatch:
         n_genes = self.max_len - (2 if self.version == 2 else 0)

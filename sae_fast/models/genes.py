@@ -170,7 +170,7 @@ def nonempty_rows(adata, X, data_cols: np.ndarray, *, empty: str, model: str, ch
         more = f" (and {len(empty_rows) - 1} more)" if len(empty_rows) > 1 else ""
         raise UserError(f"cell {first!r}{more} has no counts over {model}'s vocabulary genes, which the reference "
                         "model turns into NaN: remove it (e.g. sc.pp.filter_cells(adata, min_counts=1) after "
-                        "subsetting to the vocabulary) or pass empty='drop'")
+                        "subsetting to the vocabulary) or pass empty='drop' ([data] empty = \"drop\" in a run)")
     warnings.warn(f"{model}: dropped {len(empty_rows)} of {X.shape[0]} cells with no counts over the vocabulary "
                   f"genes (first: {first!r})", UserWarning, stacklevel=4)
     return np.setdiff1d(rows, empty_rows)
@@ -222,6 +222,9 @@ def context_genes(model, adata, spec: str, *, gene_key: str | None = None) -> li
         for j, key in enumerate(keys):
             if key is not None:
                 cols.setdefault(key, j)
+        if not cols:
+            raise UserError(f"context = {spec!r}: no gene of the data matches {model.name}'s vocabulary; name the "
+                            "adata.var column of gene symbols or Ensembl ids with gene_key ([data] gene_key)")
         if len(cols) < n:
             raise UserError(f"context = {spec!r}: the data measures only {len(cols)} of {model.name}'s "
                             f"{len(model.genes)} genes; ask for at most hvg:{len(cols)}")

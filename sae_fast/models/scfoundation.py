@@ -150,7 +150,8 @@ class ScFoundation(ScFM):
         expressed gene, as scFoundation does. A cell without counts over the vocabulary (log10 0 in the
         reference) is an error naming it, or with `empty="drop"` is left out with a warning."""
         P, matched, alignment, kept = match_genes(
-            adata, self.genes, gene_key=gene_key, layer=layer, model="scFoundation", empty=empty,
+            adata, self.genes, gene_key=self.gene_key if gene_key is None else gene_key,
+            layer=layer, model="scFoundation", empty=empty,
             no_overlap="no gene of the AnnData is in scFoundation's 19,264-gene vocabulary (HGNC symbols such as "
                        "'CD3E', or their Ensembl ids); pass gene_key= naming an adata.var column of symbols")
         if max_genes is not None and max_genes < 1:
@@ -162,7 +163,7 @@ class ScFoundation(ScFM):
                 counts, _ = count_rows(adata, rows, P, layer=layer, model="scFoundation")
                 yield self._tokenise(counts, rows, matched, float(target_depth), max_genes, seed)
 
-        return PreparedData(batches, len(kept), batch_size, alignment)
+        return PreparedData(batches, kept, batch_size, alignment)
 
     def _tokenise(self, counts: np.ndarray, rows: np.ndarray, matched: np.ndarray, target_depth: float,
                   max_genes: int | None, seed: int) -> CellBatch:

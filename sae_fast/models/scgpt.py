@@ -187,7 +187,8 @@ class ScGPT(ScFM):
         size, gives the same tokens. A cell without counts over the vocabulary is an error naming it, or with
         `empty="drop"` is left out with a warning (`cell_ids` keep the AnnData's row numbers)."""
         P, matched, alignment, kept = match_genes(
-            adata, self.genes, gene_key=gene_key, layer=layer, model="scGPT", empty=empty,
+            adata, self.genes, gene_key=self.gene_key if gene_key is None else gene_key,
+            layer=layer, model="scGPT", empty=empty,
             no_overlap="no gene of the AnnData matches scGPT's vocab.json (gene symbols such as 'CD3E', or their "
                        "Ensembl ids); pass gene_key= naming an adata.var column of HGNC symbols")
         max_len = max_seq_len or self.cfg.max_seq_len
@@ -202,7 +203,7 @@ class ScGPT(ScFM):
                 X, _ = count_rows(adata, rows, P, layer=layer, model="scGPT")
                 yield self._tokenise(X, rows, token_of_col, gene_of_col, max_len, seed)
 
-        return PreparedData(batches, len(kept), batch_size, alignment)
+        return PreparedData(batches, kept, batch_size, alignment)
 
     def _tokenise(self, X: np.ndarray, rows: np.ndarray, token_of_col, gene_of_col, max_len: int,
                   seed: int) -> CellBatch:

@@ -51,6 +51,12 @@ class DataSection:
     counts: str = option("X", "where the raw integer counts are: X, raw (adata.raw.X) or a key of "
                          "adata.layers")
     max_cells: int | None = option(None, "use only the first N cells (for quick trials)", bounds="[1, inf)")
+    gene_key: str | None = option(None, "the adata.var column that names the genes (symbols or Ensembl ids); "
+                                  "None: var_names, then the usual columns (gene_symbols, feature_name, "
+                                  "gene_name, gene_ids, ensembl_id, ...); var_names: var_names alone")
+    empty: str = option("error", "cells with no counts over the model's genes (its context's, if restricted), "
+                        "which the reference models turn into NaN: error (stop, naming the first) or drop (leave "
+                        "them out of every stage, with a warning that counts them)", choices=["error", "drop"])
     holdout: float = option(0.1, "share of the cells held out of SAE training; the summary's FVU, L0 and dead "
                             "% are measured on them (0: on the training cells)", bounds="[0, 1)")
     holdout_seed: int = option(0, "seed of the random choice of held-out cells")
@@ -210,16 +216,34 @@ def load_model_on(name: str, path: str | None, device: str = "auto", dtype: str 
 
 
 def model_for(config, adata):
-    """[model] loaded onto its device (`load_model_on`), on the gene context that [model] context chooses
-    from `adata` (sae_fast.models.genes.context_genes; "all": the whole vocabulary)."""
+    """[model] loaded onto its device (`load_model_on`), reading genes from [data] gene_key, on the gene context
+    that [model] context chooses from `adata` (sae_fast.models.genes.context_genes; "all": the whole
+    vocabulary)."""
     from sae_fast.models.genes import context_genes
 
     model = load_model_on(config.model.name, config.model.path, config.model.device, config.model.dtype)
+    model.gene_key = config.data.gene_key
     try:
-        genes = context_genes(model, adata, config.model.context)
+        genes = context_genes(model, adata, config.model.context, gene_key=config.data.gene_key)
     except UserError as e:
         raise UserError(f"model.{e}") from None
     return model if genes is None else model.restrict(genes)
+
+
+def cells_and_model(config):
+    """[data]'s cells and the run's model (`model_for`), checked: returns (adata, model, alignment). The genes
+    are aligned and the counts checked here, before any forward pass; cells with no counts over the model's
+    genes stop the run ([data] empty = "error") or are dropped here, once, for every stage ("drop")."""
+    data = config.data
+    adata = read_cells(data.path, data.counts, data.max_cells)
+    model = model_for(config, adata)
+    try:
+        prepared = model.prepare(adata, batch_size=config.model.batch_size, empty=data.empty)
+    except UserError as e:
+        raise UserError(f"{data.path}: {e}") from None
+    if prepared.n_cells < adata.n_obs:
+        adata = adata[prepared.rows].copy()
+    return adata, model, prepared.alignment
 
 
 def read_cells(path: str, counts: str = "X", max_cells: int | None = None, *, where: str = "data.counts"):

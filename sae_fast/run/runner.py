@@ -13,7 +13,7 @@ import numpy as np
 from sae_fast import utils
 from sae_fast.errors import UserError
 from sae_fast.models.genes import parse_context
-from sae_fast.run.config import RunConfig, model_for, read_cells
+from sae_fast.run.config import RunConfig, cells_and_model
 from sae_fast.run.context import Context
 from sae_fast.run.folder import RunFolder
 
@@ -62,16 +62,11 @@ def prepare(config: RunConfig, out: str | Path, title: str | None = None) -> Con
     except UserError as e:
         raise UserError(f"model.{e}") from None
     data = config.data
-    adata = read_cells(data.path, data.counts, data.max_cells)
-    model = model_for(config, adata)
+    adata, model, alignment = cells_and_model(config)
     try:
         model.check_layer(config.extract.layer)
     except UserError as e:
         raise UserError(f"extract.layer: {e}") from None
-    try:  # aligns the genes and checks the counts (finite, non-negative integers) before any forward pass
-        alignment = model.prepare(adata, batch_size=config.model.batch_size).alignment
-    except UserError as e:
-        raise UserError(f"{data.path}: {e}") from None
     if utils.VERBOSITY >= 2:
         print(f"{data.path}: {alignment.summary()}")
     train_cells, heldout_cells = split_cells(adata.n_obs, data.holdout, data.holdout_seed)
