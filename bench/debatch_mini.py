@@ -13,11 +13,11 @@ embedding is then the mean over those 512 genes. Layer: --layer 2 (0-based), the
 the model's depth: [P] steer scGPT at layer 5 of 0..11, the output of block 6 of 12 (their interpretation layer,
 10, is the later one). Cells: kang / tech score cells that mini's pretraining held out (training_log.json's
 heldout_cells: 637 Kang CTRL, 721 STIM, 271 PBMC3K), equal numbers per batch (--cells; seed 0), and train the SAE
-on a disjoint set of pretraining cells (--train-cells, equal per batch). donor has only 200 cells in 14 patients (33 held
-out); it keeps the 8 patients with >= 15 cells (--min-donor-cells; 157 cells: scanpy's per-batch cell_ranger HVG
-of the unintegrated baseline fails with "bin edges must be unique" on smaller patients), trains the SAE on those
-cells and scores the same cells (stated in its summary). The SAE is [P]'s: BatchTopK k = 10,
-F = 512, lr 1e-3, batches of 4,096 tokens, 256 tokens sampled per cell (one draw, --epochs passes over it); then
+on a disjoint set of pretraining cells (--train-cells, equal per batch). donor has only 200 cells in 14 patients
+(33 held out); it keeps the 8 patients with >= 15 cells (--min-donor-cells; 157 cells: scanpy's per-batch
+cell_ranger HVG of the unintegrated baseline fails with "bin edges must be unique" on smaller patients), trains the
+SAE on those cells and scores the same cells (stated in its summary). The SAE is [P]'s: BatchTopK k = 10, F = 512,
+lr 1e-3, batches of 4,096 tokens, 256 tokens sampled per cell (one draw, --epochs passes over it); then
 sae_fast.steer.debatch runs n in {0, 10, 20, 50}, c = -2, random seeds 42, 43, 44, bio label `cell_type`.
 Timings and settings go to debatch_mini.json. These are `mini`'s numbers, not scGPT's or scFoundation's.
 
