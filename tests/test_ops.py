@@ -436,3 +436,16 @@ def test_cpp_topk_rows_matches_torch_topk_with_ties_and_infinities(dtype):
                 # the reference: largest values first, ties broken by the smaller index (a stable sort)
                 ref = torch.sort(-pre, dim=1, stable=True).indices[:, :k].sort(1).values
                 assert torch.equal(ours, ref), (F, k, kind)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_cpp_both_gemm_paths(monkeypatch, onednn):
+    """The C++ backend's encoder product takes oneDNN's linear on AVX-512 CPUs and BLAS elsewhere (fixed per
+    machine): both paths, whichever this machine picks, against float64 (selection, values, gradients)."""
+    kern = ops._cpp_kernels()
+    assert kern is not None, "the C++ extension did not build"
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(kern, "use_onednn", onednn)
+    run_topk_case("cpp", 1000, 640, 5120, 32)
+    run_topk_case("cpp", 37, 8, 64, 1)
