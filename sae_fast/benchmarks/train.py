@@ -168,6 +168,13 @@ def _pieces(sae, opt, x) -> dict:
     }
 
 
+def _gemm_path(kern) -> str:
+    """Which product the step's encoder runs on this machine (see ops.CppKernels)."""
+    if kern.name != "cpp":
+        return kern.name
+    return "oneDNN linear (AVX-512 CPU)" if kern.use_onednn else "BLAS addmm (no AVX-512)"
+
+
 def _summary(times: dict) -> tuple[dict, list]:
     """(minimum of each contender, the per-round ratios ours / floor); the floor of a round is the faster of
     its two GEMM paths."""
@@ -188,8 +195,9 @@ def run(quick: bool = False) -> list[dict]:
     b0 = torch.zeros(s["F"], device=device)
     kern = ops._kernels(x, sae.cfg.backend)
     rows = ops._chunk_rows(s["F"])
-    # The floor is the faster of torch's matmul and the GEMM path the step itself uses (on the CPU: oneDNN in
-    # row chunks, faster than MKL's sgemm on AMD), so a faster BLAS lowers the floor as much as the step.
+    # The floor is the faster of torch's matmul and the GEMM path the step itself uses (on the CPU, in row
+    # chunks: oneDNN on AVX-512 CPUs, BLAS elsewhere; `gemm_path` says which), so a faster BLAS lowers the floor
+    # as much as the step.
     steps = {"ours": lambda: ours(x), "floor matmul": lambda: x @ W.T,
              "floor ops.linear": lambda: [kern.linear(x[i:i + rows], W, b0) for i in range(0, s["N"], rows)]}
     pieces = _pieces(sae, opt, x)
@@ -234,7 +242,7 @@ def run(quick: bool = False) -> list[dict]:
                              for n in ("ours", "floor matmul", "floor ops.linear", "reference")},
                    breakdown_s=breakdown,
                    breakdown_over_floor={n: t / best["floor"] for n, t in breakdown.items()},
-                   rounds=len(times["ours"]), timing=timing, load=load, **extra)]
+                   rounds=len(times["ours"]), timing=timing, load=load, gemm_path=_gemm_path(kern), **extra)]
 
     for name, why in NOT_INSTALLED.items():
         rows.append(record("train", cfg | {"peer": name}, dev_name, best["ours"], None, reference=name,
