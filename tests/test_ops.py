@@ -252,7 +252,8 @@ def run_mse_case(backend, N, d, F, k, empty_rows=0):
 @pytest.mark.parametrize("backend,N,d,F,k,empty", [
     pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))}")
     for backend in ("torch", "cpp", "triton")
-    for case in [(1, 8, 64, 1, 0), (37, 13, 101, 99, 5), (257, 640, 5120, 32, 3), (0, 8, 64, 3, 0)]],
+    for case in [(1, 8, 64, 1, 0), (37, 13, 101, 99, 5), (257, 640, 5120, 32, 3), (0, 8, 64, 3, 0),
+                 (19, 235, 300, 7, 2)]],  # d = 235: the C++ AVX2 decode's 128-, 64-, 32-, 8-column blocks + a tail
     indirect=["backend"])
 def test_sparse_mse(backend, N, d, F, k, empty):
     run_mse_case(backend, N, d, F, k, empty)
