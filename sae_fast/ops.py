@@ -157,11 +157,13 @@ class TorchKernels:
 class CppKernels(TorchKernels):
     """CPU: BLAS for the dense product (inherited); C++/OpenMP (sae_fast.csrc) for top-k and the sparse part.
 
-    The top-k is a running-minimum scan per row (csrc topk_rows) up to k = SCAN_MAX_K, torch.topk above."""
+    The top-k (csrc topk_rows, up to k = SCAN_MAX_K; torch.topk above) filters each row by a lower bound on its
+    k-th largest value, the k-th largest of ~5k group maxima (AVX2 for fp32), then picks the k among the few
+    candidates left."""
 
     name = "cpp"
 
-    # Up to this k the C++ running-minimum scan beats torch.topk; above it torch.topk (a partial sort) wins.
+    # Up to this k the C++ group-max filter beats torch.topk; above it torch.topk (a partial sort) wins.
     SCAN_MAX_K = 64
 
     def __init__(self, ext):
