@@ -87,7 +87,7 @@ class ShardLoader:
         self.shards, self.batch_size, self.shuffle, self.seed = shards, int(batch_size), shuffle, seed
         self.epoch, self.with_ids, self.dtype, self.drop_last = epoch, with_ids, dtype, drop_last
         # gather threads: by default one per 4 cores, 1 to 4 (the rest stay with torch, which trains meanwhile; on
-        # the 2-core bench machine a second thread streamed 1.45x faster, bench/results/loader.json)
+        # the 2-core bench machine a second thread streamed 1.18x faster, bench/results/loader.json)
         self.threads = min(4, max(1, (os.cpu_count() or 1) // 4)) if threads is None else int(threads)
         if self.threads < 0:
             raise UserError(f"threads must be >= 0 (0 = gather in the consumer's thread), got {threads}")
