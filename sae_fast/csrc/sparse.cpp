@@ -345,6 +345,15 @@ std::vector<at::Tensor> reverse_index(const at::Tensor& idx, int64_t F) {
 
 namespace {
 
+// A row holding NaN selects NaN values at features 0..k-1 (the torch backend's result for an all-NaN row).
+template <typename scalar_t>
+inline void nan_row(scalar_t* vout, int64_t* iout, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) {
+    vout[j] = std::numeric_limits<scalar_t>::quiet_NaN();
+    iout[j] = j;
+  }
+}
+
 // The k largest of one row (see topk_rows). Pass 1 (vectorised; the row is then in L1): the max of every block of
 // kLanes values, and whether the row holds NaN. The k-th largest block max lo0 is a lower bound on the row's k-th
 // largest value, so pass 2 visits only the blocks whose max reaches lo0 (typically little more than k) and
@@ -367,10 +376,7 @@ void topk_row(const scalar_t* row, int64_t F, int64_t k, scalar_t* vout, int64_t
   }
   for (int64_t f = nb * kLanes; f < F; ++f) nan |= row[f] != row[f];
   if (nan) {
-    for (int64_t j = 0; j < k; ++j) {
-      vout[j] = std::numeric_limits<scalar_t>::quiet_NaN();
-      iout[j] = j;
-    }
+    nan_row(vout, iout, k);
     return;
   }
   scalar_t lo0 = -std::numeric_limits<scalar_t>::infinity();
@@ -437,10 +443,7 @@ void topk_row_avx2(const float* row, int64_t F, int64_t k, const float* next, fl
   bool any_nan = _mm256_movemask_ps(nan1) != 0;
   for (int64_t f = grouped; f < F; ++f) any_nan |= row[f] != row[f];
   if (any_nan) {
-    for (int64_t j = 0; j < k; ++j) {
-      vout[j] = std::numeric_limits<float>::quiet_NaN();
-      iout[j] = j;
-    }
+    nan_row(vout, iout, k);
     return;
   }
   float lo0 = -std::numeric_limits<float>::infinity();
