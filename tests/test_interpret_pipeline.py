@@ -98,7 +98,7 @@ class FakeModel(ScFM):
                 mask = torch.ones(B, T, dtype=torch.bool)
                 yield CellBatch({"x": expr}, gid, torch.arange(s, s + B), mask, expr)
 
-        return PreparedData(it, adata.n_obs, batch_size, GeneAlignment(len(self.genes), self.genes))
+        return PreparedData(it, np.arange(adata.n_obs), batch_size, GeneAlignment(len(self.genes), self.genes))
 
     def forward(self, batch, layer=None, hook=None, *, stop=False, start=None):
         from sae_fast.models.base import ModelOutput

@@ -124,7 +124,8 @@ def run(quick: bool = False) -> list[dict]:
         _write(path, n_shards, per_shard, d)
         shards = open_shards(path)
         nbytes = shards.n_tokens * d * 2
-        variants = {"copy": ("copy", 0, 0), "mapcopy": ("mapcopy", 0, 0), "t1": ("ours", 1, 0), "t2": ("ours", 2, 0), "tokens": ("ours", 2, 1)}
+        variants = {"copy": ("copy", 0, 0), "mapcopy": ("mapcopy", 0, 0), "t1": ("ours", 1, 0),
+                    "t2": ("ours", 2, 0), "tokens": ("ours", 2, 1)}
         _child("copy", path)  # into the page cache
         load_before = machine_load()
         runs = {name: [] for name in variants}
@@ -149,8 +150,9 @@ def run(quick: bool = False) -> list[dict]:
             rows.append(record(
                 "loader", {"gb": round(nbytes / 1e9, 3), "d": d, "dtype": "float16", "batch": BATCH,
                            "shuffle": shuffle, "threads": threads},
-                device_name("cpu"), ours, ref, reference="single-threaded contiguous copy, own process: the faster of readinto and a "
-                "memory-mapped np.copyto", reference_copies_s=copies,
+                device_name("cpu"), ours, ref,
+                reference="single-threaded contiguous copy, own process: the faster of readinto and a memory-mapped "
+                          "np.copyto", reference_copies_s=copies,
                 ours_gb_s=nbytes / ours / 1e9, reference_gb_s=nbytes / ref / 1e9,
                 peak_extra_anon_mb=max(r["peak_extra_anon"] for r in runs[name]) / 2**20,
                 rounds=len(runs[name]), timing="minimum over rounds; each run a fresh process, contenders in turn",
