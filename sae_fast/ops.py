@@ -638,3 +638,42 @@ def sparse_mse(indices, values, W_dec, b, x, backend: str = "auto") -> tuple[tor
     _check_float("sparse_mse", {"values": values, "W_dec": W_dec, "b": b, "x": x})
     kern = _kernels(values, backend)
     return SparseMSE.apply(indices, values, W_dec, b, x, kern)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data movement: the shard loader's batch gather.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def row_gatherer(backend: str = "auto"):
+    """The shard loader's batch gather: `gather(arrays, offsets, rows, out)` sets out[i] = global row rows[i] of
+    the row-stacked numpy `arrays` (array s holds rows [offsets[s], offsets[s + 1])), rows sorted.
+
+    "cpp": one memcpy per run of consecutive rows, with the GIL released (so the loader's
+    threads gather in parallel); "torch" (the fallback when the extension does not build): numpy's take, array
+    by array. Both write the same bytes. Resolve it once, outside worker threads: the first call may build the
+    C++ extension."""
+    import numpy as np
+
+    if backend not in ("auto", "cpp", "torch"):
+        raise UserError(f"row_gatherer backend {backend!r}: choose auto, cpp or torch")
+    kern = _cpp_kernels() if backend != "torch" else None
+    if backend == "cpp" and kern is None:
+        raise UserError("backend 'cpp' is unavailable: the C++ extension did not build (see the warning above)")
+
+    def cpp(arrays, offsets, rows, out):
+        bases = torch.tensor([a.ctypes.data for a in arrays], dtype=torch.int64)
+        kern.ext.gather_rows(bases, torch.from_numpy(np.ascontiguousarray(offsets, np.int64)),
+                             torch.from_numpy(rows), torch.from_numpy(out),
+                             out.itemsize * int(np.prod(out.shape[1:])))
+
+    def take(arrays, offsets, rows, out):
+        if not len(rows):
+            return
+        shard_of = np.searchsorted(offsets, rows, "right") - 1
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(shard_of)) + 1, [len(rows)]])
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            s = int(shard_of[lo])
+            np.take(arrays[s], rows[lo:hi] - offsets[s], axis=0, out=out[lo:hi], mode="clip")  # 'raise' buffers
+
+    return take if kern is None else cpp

@@ -6,8 +6,10 @@ activations; the window's token ids are permuted in blocks of `block_tokens` con
 one 4 KB page: 4 tokens at d = 640 in float16, 16 at d = 128; `block_tokens=1` shuffles single tokens, at
 about half the speed: a random gather is bound by memory latency) and batches are cut from them (ids that do
 not fill a whole batch are carried into the next window). A batch is then gathered with one copy straight from
-the memory-mapped shards into its tensor, its ids sorted so that the reads walk forward through the files.
-After each window the mapped pages are released (`Shards.release`), so the resident set stays near the
+the memory-mapped shards into its tensor, its ids sorted so that the reads walk forward through the files
+(`ops.row_gatherer`: C++, a memcpy per run of consecutive tokens with the GIL released; numpy's take
+where the extension does not build).
+After each window its chunks' mapped pages are released (`Shards.release`), so the resident set stays near the
 window plus a few MB per chunk (the kernel maps whole page-cache folios around each touched row: ~200 MB at
 the defaults, 32 MB windows of 1 MB chunks), whatever the size of the shard set. Every batch mixes tokens
 from ~window/chunk places (32 at the defaults) spread over the whole data set; a larger `buffer_mb` mixes
@@ -20,7 +22,7 @@ B rows, so N ranks averaging gradients take the same steps as one process with b
 only its own rows (the shard set is partitioned by rank, row by row). The final partial batch is cut to a
 multiple of N so that every rank takes the same number of steps.
 
-Threads: batches are gathered by `threads` worker threads (numpy's gather releases the GIL), up to `threads + 1`
+Threads: batches are gathered by `threads` worker threads (the gather releases the GIL), up to `threads + 1`
 batches ahead of the consumer, so that the copy overlaps the training step and scales with cores; the order of
 the batches does not depend on the thread count. `threads=0` gathers in the consumer's thread. Batch arrays are
 recycled once the consumer has dropped them (`_BufferPool`): a fresh array per batch made the kernel fault in and
@@ -34,6 +36,7 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +44,14 @@ import torch
 from sae_fast.activations.distributed import world
 from sae_fast.activations.shards import Shards
 from sae_fast.errors import UserError
+from sae_fast.ops import row_gatherer
+
+
+class _Window(NamedTuple):
+    """A marker in an epoch's plan: the window's batches are all planned; `chunks` are its [n, 2] token ranges,
+    whose pages `Shards.release` drops once those batches are gathered."""
+
+    chunks: np.ndarray
 
 
 class _BufferPool:
@@ -105,6 +116,8 @@ class ShardLoader:
         # batch arrays in flight: threads + 1 gathered ahead, the one the consumer holds, and slack for a consumer
         # that keeps one more (a pool that runs out just allocates)
         self._pool = _BufferPool(self.threads + 4)
+        self._mapped: dict[str, list[np.ndarray]] = {}
+        self._gather = None  # ops.row_gatherer(), resolved by _prepare
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -130,10 +143,11 @@ class ShardLoader:
 
     def __iter__(self):
         epoch = self.epoch
+        self._prepare()
         if self.threads == 0:
             for rows in self._epoch(epoch):
-                if rows is None:
-                    self.shards.release()
+                if isinstance(rows, _Window):
+                    self.shards.release(rows.chunks)
                 else:
                     yield self._batch(rows)
         else:
@@ -146,11 +160,11 @@ class ShardLoader:
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sae_fast_loader")
         try:
             for rows in self._epoch(epoch):
-                if rows is None:  # the window is planned out: drop its pages once its batches are gathered
-                    pending.append(None)
+                if isinstance(rows, _Window):  # the window is planned out: drop its pages once its batches are in
+                    pending.append(rows)
                     continue
                 pending.append(pool.submit(self._batch, rows))
-                while sum(f is not None for f in pending) > self.threads:
+                while sum(not isinstance(f, _Window) for f in pending) > self.threads:
                     yield from self._drain_one(pending)
             while pending:
                 yield from self._drain_one(pending)
@@ -159,13 +173,14 @@ class ShardLoader:
 
     def _drain_one(self, pending: deque):
         head = pending.popleft()
-        if head is None:
-            self.shards.release()
+        if isinstance(head, _Window):
+            self.shards.release(head.chunks)
         else:
             yield head.result()
 
     def _epoch(self, epoch: int):
-        """The epoch's plan: the global token ids of each batch (this rank's part), None after each window."""
+        """The epoch's plan: the global token ids of each batch (this rank's part), and a `_Window` (its chunks)
+        after each window's batches."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         chunks = self._chunks(rng)
         B, N = self.batch_size, self.world_size
@@ -173,6 +188,7 @@ class ShardLoader:
         carry = np.zeros(0, np.int64)
         j = 0
         while True:
+            first = j
             ids, room = [carry], self.buffer_tokens - len(carry)
             while j < len(chunks) and chunks[j, 1] - chunks[j, 0] <= room:
                 ids.append(np.arange(chunks[j, 0], chunks[j, 1]))
@@ -184,13 +200,13 @@ class ShardLoader:
             n_full = len(ids) // B
             for b in range(n_full):
                 yield ids[b * B:(b + 1) * B][part]
-            carry = ids[n_full * B:]
-            yield None
+            carry = ids[n_full * B:]  # its pages are released with this window's, and re-faulted when gathered
+            yield _Window(chunks[first:j])
             if j == len(chunks):
                 m = len(carry) // N
                 if m and not self.drop_last:
                     yield carry[self.rank * m:(self.rank + 1) * m]
-                    yield None
+                    yield _Window(chunks[first:j])
                 return
 
     def _shuffled_positions(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -202,25 +218,31 @@ class ShardLoader:
         return pos[pos < n]
 
     def _batch(self, rows: np.ndarray):
-        """Gather tokens `rows` (global ids) with one copy from the mapped shards; rows are sorted first (the
-        order inside a batch is irrelevant to training, and forward reads are faster)."""
+        """Gather tokens `rows` (global ids) with one copy from the mapped shards (`ops.gather_rows`); rows are
+        sorted first (the order inside a batch is irrelevant to training, and forward reads are faster)."""
         s = self.shards
         rows = np.sort(rows)
-        shard_of = np.searchsorted(s.offsets, rows, "right") - 1
-        cuts = np.flatnonzero(np.diff(shard_of)) + 1
         acts = self._pool.empty((len(rows), s.d), s.array(0).dtype)
-        cells = np.empty(len(rows), np.int64) if self.with_ids else None
-        genes = np.empty(len(rows), np.int32) if self.with_ids else None
-        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]])):
-            i = int(shard_of[lo])
-            local = rows[lo:hi] - s.offsets[i]
-            np.take(s.array(i), local, axis=0, out=acts[lo:hi], mode="clip")  # 'raise' buffers
-            if self.with_ids:
-                np.take(s.array(i, "cells"), local, out=cells[lo:hi], mode="clip")
-                np.take(s.array(i, "genes"), local, out=genes[lo:hi], mode="clip")
+        self._gather(self._arrays("acts"), s.offsets, rows, acts)
         x = s.as_tensor(acts)
         if self.dtype is not None:
             x = x.to(self.dtype)
         if not self.with_ids:
             return x
+        cells, genes = np.empty(len(rows), np.int64), np.empty(len(rows), np.int32)
+        self._gather(self._arrays("cells"), s.offsets, rows, cells)
+        self._gather(self._arrays("genes"), s.offsets, rows, genes)
         return x, torch.from_numpy(cells), torch.from_numpy(genes)
+
+    def _arrays(self, name: str) -> list[np.ndarray]:
+        """The memory-mapped `name` array of every shard (`Shards.release` drops pages, not maps)."""
+        return self._mapped[name]
+
+    def _prepare(self) -> None:
+        """Map every shard and resolve the gather kernel (which may build the C++ extension) in the consumer's
+        thread, before any worker runs."""
+        if self._gather is None:
+            self._gather = row_gatherer()
+        for name in ("acts", "cells", "genes") if self.with_ids else ("acts",):
+            if name not in self._mapped:
+                self._mapped[name] = [self.shards.array(i, name) for i in range(len(self.shards.shard_names))]

@@ -262,15 +262,30 @@ class Shards:
                                 f"manifest says {np.dtype(want[1])}{list(want[0])}")
             data = np.frombuffer(mm, dtype, int(np.prod(shape)), offset).reshape(shape) if n else \
                 np.empty(shape, dtype)
-            self._maps[key] = (mm, data)
+            self._maps[key] = (mm, data, offset, data.strides[0] if n else 0)
         return self._maps[key][1]
 
-    def release(self) -> None:
+    def release(self, ranges=None) -> None:
         """Drop the pages this process has mapped (they stay in the page cache): bounds the resident set of
-        a long streaming pass; mappings are re-faulted on the next access."""
-        for mm, _ in self._maps.values():
-            if mm is not None and hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED)
+        a long streaming pass; mappings are re-faulted on the next access. `ranges` ([n, 2] global token
+        (start, stop) pairs, each within one shard) limits it to those tokens' pages, so that the cost follows
+        what was read, not the size of the shard set."""
+        if ranges is None:
+            for mm, *_ in self._maps.values():
+                if mm is not None and hasattr(mm, "madvise"):
+                    mm.madvise(mmap.MADV_DONTNEED)
+            return
+        page = mmap.PAGESIZE
+        for start, stop in np.asarray(ranges, np.int64).reshape(-1, 2):
+            shard = int(np.searchsorted(self.offsets, start, "right")) - 1
+            for name in ARRAYS:
+                mm, _, offset, row = self._maps.get((shard, name), (None, None, 0, 0))
+                if mm is None or not hasattr(mm, "madvise") or stop <= start:
+                    continue
+                lo = offset + (int(start) - int(self.offsets[shard])) * row
+                hi = min(offset + (int(stop) - int(self.offsets[shard])) * row, len(mm))
+                lo -= lo % page
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def verify(self) -> None:
         """Recompute every file's CRC-32; a UserError names the first shard whose bytes changed."""

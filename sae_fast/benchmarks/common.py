@@ -118,6 +118,23 @@ def proc_status_bytes(field: str) -> int | None:
     return None
 
 
+def anon_rss_reader():
+    """A cheap reader of this process's anonymous resident bytes (RssAnon = resident - shared pages of
+    /proc/self/statm, ~2 us per call against ~60 us for parsing /proc/self/status): for sampling once per batch
+    without slowing what is timed. Returns a zero reader where /proc is absent."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:
+        return lambda: 0
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def read() -> int:
+        fields = os.pread(fd, 128, 0).split()
+        return (int(fields[1]) - int(fields[2])) * page
+
+    return read
+
+
 def self_peak_rss() -> int:
     """This process's peak RSS in bytes (VmHWM from /proc/self/status; ru_maxrss where /proc is absent)."""
     peak = proc_status_bytes("VmHWM")
