@@ -188,25 +188,35 @@ def test_batch_arrays_are_reused_only_once_released(shards, threads):
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_row_gatherer_equals_fancy_indexing_of_the_stacked_shards(backend):
-    """Both gather kernels against numpy on fresh random shards: odd row widths, an empty shard, runs of
-    consecutive rows across a shard edge, repeated rows, no rows; the C++ one refuses unsorted or outside ids."""
+    """Both gather kernels against numpy on fresh random shards: odd row widths, an empty shard, runs across a
+    shard edge, unsorted, touching and repeated runs, runs long enough for the streaming stores at odd alignments,
+    empty runs, no runs; the C++ one refuses runs outside the shards and an out of the wrong size."""
     from sae_fast.ops import row_gatherer
 
     gather = row_gatherer(backend)
     rng = np.random.default_rng()
-    for dtype, width in [(np.float16, (7,)), (np.float32, (1,)), (np.int64, ()), (np.int32, ())]:
+    for dtype, width in [(np.float16, (7,)), (np.float16, (640,)), (np.float32, (1,)), (np.int64, ()),
+                         (np.int32, ())]:
         sizes = [int(n) for n in rng.integers(0, 40, 5)] + [0, 9]
         arrays = [rng.standard_normal((n, *width)).astype(dtype) if dtype in (np.float16, np.float32)
                   else rng.integers(-2**30, 2**30, n).astype(dtype) for n in sizes]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         every = np.concatenate(arrays)
         edge = int(offsets[1])
-        for rows in [np.sort(rng.integers(0, len(every), 200)),
-                     np.arange(max(edge - 3, 0), min(edge + 3, len(every))), np.zeros(0, np.int64)]:
-            out = np.full((len(rows), *width), 7, dtype)
-            gather(arrays, offsets, rows, out)
-            assert np.array_equal(out, every[rows]), (dtype, rows)
+        starts = rng.integers(0, len(every), 60)  # in any order: out holds the runs by start
+        lengths = np.minimum(rng.integers(0, 6, 60), len(every) - starts)
+        for s, n in [(starts, lengths), ([max(edge - 3, 0)], [min(6, len(every) - max(edge - 3, 0))]),
+                     ([5, 2, 5, 9, 7], [4, 3, 0, 2, 2]), ([], [])]:
+            s, n = np.asarray(s, np.int64), np.asarray(n, np.int64)
+            order = np.argsort(s, kind="stable")
+            rows = np.concatenate([np.arange(a, a + m) for a, m in zip(s[order], n[order])] + [np.zeros(0, np.int64)])
+            out = np.full((len(rows) + 1, *width), 7, dtype)[1:]  # an odd address for the streaming stores
+            gather(arrays, offsets, s, n, out)
+            assert np.array_equal(out, every[rows]), (dtype, s, n)
     if backend == "cpp":
-        for bad in ([3, 2], [len(every)], [-1]):
-            with pytest.raises(RuntimeError, match="rows must be sorted ids"):
-                gather(arrays, offsets, np.array(bad), np.empty(len(bad), every.dtype))
+        for s, n in (([len(every) - 1], [2]), ([-1], [1]), ([0], [-1])):
+            with pytest.raises(RuntimeError, match="outside the shards' rows"):
+                gather(arrays, offsets, np.array(s), np.array(n), np.empty(max(sum(n), 0), every.dtype))
+        with pytest.raises(RuntimeError, match="must hold 3 rows"):
+            gather(arrays, offsets, np.array([0]), np.array([3]), np.empty(2, every.dtype))
+

@@ -1,6 +1,8 @@
 """Shard format: exact round trip per dtype, ids, atomic/incomplete states, clear errors naming the shard."""
 
 import json
+import platform
+import sys
 
 import numpy as np
 import pytest
@@ -143,3 +145,35 @@ def test_bad_input_errors(tmp_path):
         w.add(np.ones((3, 8)), np.arange(2), np.arange(3))
     with pytest.raises(UserError, match="float8"):
         ShardWriter(tmp_path / "x", 8, dtype="float8")
+
+
+def _resident_file_mb() -> float:
+    with open("/proc/self/statm") as f:  # field 3: resident file-backed (and shared) pages
+        return int(f.read().split()[2]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("batched", [True, False])
+def test_release_drops_the_mapped_pages_of_the_ranges_only(tmp_path, monkeypatch, batched):
+    """Release of token ranges unmaps those pages (the resident set falls by about their size) and keeps the
+    others mapped, through process_madvise and through the range-by-range fallback."""
+    from sae_fast.activations import shards as shards_module
+
+    d, per = 256, 2 ** 14  # 4 shards x 8 MB of float16
+    w = ShardWriter(tmp_path / "s", d, shard_tokens=per)
+    for _ in range(4):
+        w.add(np.ones((per, d), np.float16), np.zeros(per), np.zeros(per))
+    w.close()
+    s = open_shards(tmp_path / "s")
+    batched_ok = []
+    real = shards_module._dontneed_batched
+    monkeypatch.setattr(shards_module, "_dontneed_batched",
+                        lambda spans: batched_ok.append(real(spans)) or batched_ok[-1] if batched else False)
+    touch = [float(s.array(i)[:: 4096 // (2 * d)].sum()) for i in range(4)]  # fault in every page
+    before = _resident_file_mb()
+    s.release(np.array([[per, 2 * per], [2 * per, 2 * per + per // 2]]))  # shard 1 and half of shard 2
+    dropped = before - _resident_file_mb()
+    assert 11 < dropped <= 16, dropped  # 12 MB of the 32 MB mapped (+ up to a 2 MB huge page at either end)
+    assert [float(s.array(i)[:: 4096 // (2 * d)].sum()) for i in range(4)] == touch  # re-faulted on access
+    if batched and tuple(map(int, platform.release().split(".")[:2])) >= (6, 13):
+        assert batched_ok == [True]  # Linux >= 6.13: one process_madvise call

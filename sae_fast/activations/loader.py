@@ -2,13 +2,14 @@
 
 Each epoch, the tokens are cut into chunks of `chunk_tokens` contiguous tokens (never crossing a shard) and
 the chunks are put in a random order. Consecutive chunks form a mixing window of `buffer_mb` megabytes of
-activations; the window's token ids are permuted in blocks of `block_tokens` consecutive tokens (by default
-one 4 KB page: 4 tokens at d = 640 in float16, 16 at d = 128; `block_tokens=1` shuffles single tokens, at
-about half the speed: a random gather is bound by memory latency) and batches are cut from them (ids that do
-not fill a whole batch are carried into the next window). A batch is then gathered with one copy straight from
-the memory-mapped shards into its tensor, its ids sorted so that the reads walk forward through the files
-(`ops.row_gatherer`: C++, a memcpy per run of consecutive tokens with the GIL released; numpy's take
-where the extension does not build).
+activations; the window's chunks are cut into blocks of `block_tokens` consecutive tokens (by default one 4 KB
+page: 4 tokens at d = 640 in float16, 16 at d = 128; `block_tokens=1` shuffles single tokens, at ~0.7x the
+speed: a random gather is bound by memory latency), the blocks are put in a random order and batches are cut from
+them (tokens that do not fill a whole batch are carried into the next window). The plan is made of runs of
+consecutive tokens, never token by token. A batch is then gathered with one copy straight from the
+memory-mapped shards into its tensor, its runs sorted so that the reads walk forward through the files
+(`ops.row_gatherer`: C++, one copy per run with streaming stores and the GIL released; numpy's take where the
+extension does not build).
 After each window its chunks' mapped pages are released (`Shards.release`), so the resident set stays near the
 window plus a few MB per chunk (the kernel maps whole page-cache folios around each touched row: ~200 MB at
 the defaults, 32 MB windows of 1 MB chunks), whatever the size of the shard set. Every batch mixes tokens
@@ -54,6 +55,35 @@ class _Window(NamedTuple):
     chunks: np.ndarray
 
 
+class _Runs(NamedTuple):
+    """Runs of consecutive global token ids: [starts[i], starts[i] + lengths[i])."""
+
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+def _cut(runs: _Runs, ends: np.ndarray, lo: int, hi: int) -> _Runs:
+    """Tokens [lo, hi) of the runs laid end to end (`ends`: the cumulative lengths), as runs."""
+    if hi <= lo:
+        return _Runs(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    i, k = int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(ends, hi, "left"))
+    starts, lengths = runs.starts[i:k + 1].copy(), runs.lengths[i:k + 1].copy()
+    head = lo - (int(ends[i]) - int(lengths[0]))
+    starts[0] += head
+    lengths[0] -= head
+    lengths[-1] -= int(ends[k]) - hi
+    return _Runs(starts, lengths)
+
+
+def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """np.empty on a 64-byte (cache line) boundary, so that the gather streams whole lines (numpy's large blocks
+    start 16 bytes into a page)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(n + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip:skip + n].view(dtype).reshape(shape)
+
+
 class _BufferPool:
     """Batch arrays handed out again once the consumer has let go of them.
 
@@ -74,7 +104,7 @@ class _BufferPool:
             for i in free:
                 if arrays[i].shape == shape and arrays[i].dtype == dtype:
                     return arrays[i]
-            out = np.empty(shape, dtype)
+            out = _aligned_empty(shape, dtype)
             if len(arrays) < self.cap:
                 arrays.append(out)
             elif free:  # full: the slot of an unused array of another shape
@@ -98,7 +128,7 @@ class ShardLoader:
         self.shards, self.batch_size, self.shuffle, self.seed = shards, int(batch_size), shuffle, seed
         self.epoch, self.with_ids, self.dtype, self.drop_last = epoch, with_ids, dtype, drop_last
         # gather threads: by default one per 4 cores, 1 to 4 (the rest stay with torch, which trains meanwhile; on
-        # the 2-core bench machine a second thread streamed 1.18x faster, bench/results/loader.json)
+        # the 2-core bench machine a second thread streamed 1.28x faster, bench/results/loader.json)
         self.threads = min(4, max(1, (os.cpu_count() or 1) // 4)) if threads is None else int(threads)
         if self.threads < 0:
             raise UserError(f"threads must be >= 0 (0 = gather in the consumer's thread), got {threads}")
@@ -155,83 +185,95 @@ class ShardLoader:
         self.epoch = epoch + 1
 
     def _threaded(self, epoch: int):
-        """The epoch's batches gathered by a pool of `threads`, at most threads + 1 in flight, in plan order."""
+        """The epoch's batches gathered by a pool of `threads`, at most threads + 1 in flight, in plan order. A
+        window's pages are released by a worker too, once its batches are in: the consumer never waits on it
+        (on 2 cores a release in the consumer's thread held back the next batches' submission)."""
         pending: deque = deque()
+        releases: deque = deque()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sae_fast_loader")
+
+        def drain_one():
+            head = pending.popleft()
+            if not isinstance(head, _Window):
+                return head.result()
+            # its batches are all gathered; unmapping a page another worker reads would only re-fault it
+            releases.append(pool.submit(self.shards.release, head.chunks))
+            while releases and releases[0].done():
+                releases.popleft().result()  # raises what a release raised
+            return None
+
         try:
             for rows in self._epoch(epoch):
-                if isinstance(rows, _Window):  # the window is planned out: drop its pages once its batches are in
-                    pending.append(rows)
-                    continue
-                pending.append(pool.submit(self._batch, rows))
+                pending.append(rows if isinstance(rows, _Window) else pool.submit(self._batch, rows))
                 while sum(not isinstance(f, _Window) for f in pending) > self.threads:
-                    yield from self._drain_one(pending)
+                    if (batch := drain_one()) is not None:
+                        yield batch
             while pending:
-                yield from self._drain_one(pending)
+                if (batch := drain_one()) is not None:
+                    yield batch
+            while releases:
+                releases.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _drain_one(self, pending: deque):
-        head = pending.popleft()
-        if isinstance(head, _Window):
-            self.shards.release(head.chunks)
-        else:
-            yield head.result()
-
     def _epoch(self, epoch: int):
-        """The epoch's plan: the global token ids of each batch (this rank's part), and a `_Window` (its chunks)
-        after each window's batches."""
+        """The epoch's plan: each batch (this rank's part) as `_Runs` of consecutive global token ids, and a
+        `_Window` (its chunks) after each window's batches. Planned in blocks, never token by token."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         chunks = self._chunks(rng)
+        sizes = chunks[:, 1] - chunks[:, 0]
         B, N = self.batch_size, self.world_size
-        part = slice(self.rank * B // N, (self.rank + 1) * B // N)
-        carry = np.zeros(0, np.int64)
+        lo, hi = self.rank * B // N, (self.rank + 1) * B // N
+        before = np.concatenate([[0], np.cumsum(sizes)])  # tokens in the chunks before chunk j
+        carry = _Runs(np.zeros(0, np.int64), np.zeros(0, np.int64))
         j = 0
-        while True:
-            first = j
-            ids, room = [carry], self.buffer_tokens - len(carry)
-            while j < len(chunks) and chunks[j, 1] - chunks[j, 0] <= room:
-                ids.append(np.arange(chunks[j, 0], chunks[j, 1]))
-                room -= chunks[j, 1] - chunks[j, 0]
-                j += 1
-            ids = np.concatenate(ids)
+        while True:  # the window: as many whole chunks as fit beside the carry
+            first, room = j, self.buffer_tokens - int(carry.lengths.sum())
+            j = int(np.searchsorted(before, before[first] + room, "right")) - 1
+            blocks = self._blocks(chunks[first:j])
+            runs = _Runs(*(np.concatenate([c, b]) for c, b in zip(carry, blocks)))
             if rng is not None:
-                ids = ids[self._shuffled_positions(rng, len(ids))]
-            n_full = len(ids) // B
+                order = rng.permutation(len(runs.starts))
+                runs = _Runs(runs.starts[order], runs.lengths[order])
+            ends = np.cumsum(runs.lengths)
+            total = int(ends[-1]) if len(ends) else 0
+            n_full = total // B
             for b in range(n_full):
-                yield ids[b * B:(b + 1) * B][part]
-            carry = ids[n_full * B:]  # its pages are released with this window's, and re-faulted when gathered
+                yield _cut(runs, ends, b * B + lo, b * B + hi)
+            carry = _cut(runs, ends, n_full * B, total)  # its pages are released with this window's, and re-faulted
             yield _Window(chunks[first:j])
             if j == len(chunks):
-                m = len(carry) // N
+                m = (total - n_full * B) // N
                 if m and not self.drop_last:
-                    yield carry[self.rank * m:(self.rank + 1) * m]
+                    yield _cut(runs, ends, n_full * B + self.rank * m, n_full * B + (self.rank + 1) * m)
                     yield _Window(chunks[first:j])
                 return
 
-    def _shuffled_positions(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """A permutation of range(n) that moves blocks of `block_tokens` consecutive positions together."""
+    def _blocks(self, chunks: np.ndarray) -> _Runs:
+        """The chunks' tokens as runs of `block_tokens` consecutive ids (each chunk's last one may be shorter)."""
         g = self.block_tokens
-        if g == 1:
-            return rng.permutation(n)
-        pos = (rng.permutation(-(-n // g))[:, None] * g + np.arange(g)).ravel()
-        return pos[pos < n]
+        per = -(-(chunks[:, 1] - chunks[:, 0]) // g)
+        # block i of the window, the j-th of its chunk c, starts at chunk_start[c] + j g = (chunk_start[c] -
+        # first_block[c] g) + i g
+        starts = np.repeat(chunks[:, 0] - (np.cumsum(per) - per) * g, per) + np.arange(0, int(per.sum()) * g, g)
+        return _Runs(starts, np.minimum(g, np.repeat(chunks[:, 1], per) - starts))
 
-    def _batch(self, rows: np.ndarray):
-        """Gather tokens `rows` (global ids) with one copy from the mapped shards (`ops.gather_rows`); rows are
-        sorted first (the order inside a batch is irrelevant to training, and forward reads are faster)."""
+    def _batch(self, runs: _Runs):
+        """Gather a batch's runs of tokens with one copy from the mapped shards (`ops.row_gatherer`), in order of
+        their starts (the order inside a batch is irrelevant to training, and forward reads are faster)."""
         s = self.shards
-        rows = np.sort(rows)
-        acts = self._pool.empty((len(rows), s.d), s.array(0).dtype)
-        self._gather(self._arrays("acts"), s.offsets, rows, acts)
+        starts, lengths = runs
+        n = int(lengths.sum())
+        acts = self._pool.empty((n, s.d), s.array(0).dtype)
+        self._gather(self._arrays("acts"), s.offsets, starts, lengths, acts)
         x = s.as_tensor(acts)
         if self.dtype is not None:
             x = x.to(self.dtype)
         if not self.with_ids:
             return x
-        cells, genes = np.empty(len(rows), np.int64), np.empty(len(rows), np.int32)
-        self._gather(self._arrays("cells"), s.offsets, rows, cells)
-        self._gather(self._arrays("genes"), s.offsets, rows, genes)
+        cells, genes = np.empty(n, np.int64), np.empty(n, np.int32)
+        self._gather(self._arrays("cells"), s.offsets, starts, lengths, cells)
+        self._gather(self._arrays("genes"), s.offsets, starts, lengths, genes)
         return x, torch.from_numpy(cells), torch.from_numpy(genes)
 
     def _arrays(self, name: str) -> list[np.ndarray]:
