@@ -146,7 +146,7 @@ class ShardLoader:
         # batch arrays in flight: threads + 1 gathered ahead, the one the consumer holds, and slack for a consumer
         # that keeps one more (a pool that runs out just allocates)
         self._pool = _BufferPool(self.threads + 4)
-        self._mapped: dict[str, list[np.ndarray]] = {}
+        self._mapped: dict[str, list[np.ndarray]] = {}  # every shard's mapped acts (cells, genes), by _prepare
         self._gather = None  # ops.row_gatherer(), resolved by _prepare
 
     def set_epoch(self, epoch: int) -> None:
@@ -265,20 +265,16 @@ class ShardLoader:
         starts, lengths = runs
         n = int(lengths.sum())
         acts = self._pool.empty((n, s.d), s.array(0).dtype)
-        self._gather(self._arrays("acts"), s.offsets, starts, lengths, acts)
+        self._gather(self._mapped["acts"], s.offsets, starts, lengths, acts)
         x = s.as_tensor(acts)
         if self.dtype is not None:
             x = x.to(self.dtype)
         if not self.with_ids:
             return x
         cells, genes = np.empty(n, np.int64), np.empty(n, np.int32)
-        self._gather(self._arrays("cells"), s.offsets, starts, lengths, cells)
-        self._gather(self._arrays("genes"), s.offsets, starts, lengths, genes)
+        self._gather(self._mapped["cells"], s.offsets, starts, lengths, cells)
+        self._gather(self._mapped["genes"], s.offsets, starts, lengths, genes)
         return x, torch.from_numpy(cells), torch.from_numpy(genes)
-
-    def _arrays(self, name: str) -> list[np.ndarray]:
-        """The memory-mapped `name` array of every shard (`Shards.release` drops pages, not maps)."""
-        return self._mapped[name]
 
     def _prepare(self) -> None:
         """Map every shard and resolve the gather kernel (which may build the C++ extension) in the consumer's

@@ -294,28 +294,24 @@ class Shards:
                                 f"manifest says {np.dtype(want[1])}{list(want[0])}")
             data = np.frombuffer(mm, dtype, int(np.prod(shape)), offset).reshape(shape) if n else \
                 np.empty(shape, dtype)
-            self._maps[key] = (mm, data, offset, data.strides[0] if n else 0)
+            self._maps[key] = (mm, data, offset)
         return self._maps[key][1]
 
-    def release(self, ranges=None) -> None:
-        """Drop the pages this process has mapped (they stay in the page cache): bounds the resident set of
-        a long streaming pass; mappings are re-faulted on the next access. `ranges` ([n, 2] global token
-        (start, stop) pairs, each within one shard) limits it to those tokens' pages, so that the cost follows
-        what was read, not the size of the shard set: one process_madvise call for all of them where the kernel
-        allows it (`_dontneed_batched`), else one madvise per range."""
-        if ranges is None:
-            for mm, *_ in self._maps.values():
-                if mm is not None and hasattr(mm, "madvise"):
-                    mm.madvise(mmap.MADV_DONTNEED)
-            return
+    def release(self, ranges) -> None:
+        """Drop the pages this process has mapped for the tokens `ranges` ([n, 2] global token (start, stop)
+        pairs, each within one shard; the pages stay in the page cache): bounds the resident set of a long
+        streaming pass, at a cost that follows what was read, not the size of the shard set. Mappings are
+        re-faulted on the next access. One process_madvise call for all the ranges where the kernel allows it
+        (`_dontneed_batched`), else one madvise per range."""
         ranges = np.asarray(ranges, np.int64).reshape(-1, 2)
         ranges = ranges[ranges[:, 1] > ranges[:, 0]]
         shard = np.searchsorted(self.offsets, ranges[:, 0], "right") - 1
         spans = []  # (map, start address, byte ranges [n, 2] within the map)
-        for (i, _), (mm, data, offset, row) in self._maps.items():
+        for (i, _), (mm, data, offset) in self._maps.items():
             mine = ranges[shard == i] - self.offsets[i]
             if mm is None or not hasattr(mm, "madvise") or not len(mine):
                 continue
+            row = data.strides[0]
             lo, hi = offset + mine[:, 0] * row, np.minimum(offset + mine[:, 1] * row, len(mm))
             spans.append((mm, data.ctypes.data - offset, np.stack([lo - lo % mmap.PAGESIZE, hi], 1)))
         if spans and not _dontneed_batched(np.concatenate([base + b for _, base, b in spans])):
