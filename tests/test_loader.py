@@ -28,6 +28,19 @@ def shards(tmp_path_factory):
     return open_shards(d)
 
 
+@pytest.mark.parametrize("d, dtype, expect", [(6, "float32", 16), (640, "float16", 13), (2048, "float32", 2),
+                                               (8192, "float32", 1)])
+def test_default_block_is_16_tokens_at_most_16_kb(tmp_path, d, dtype, expect):
+    """The shuffle unit: 16 consecutive tokens (as good as single tokens, bench/results/mixing_mini.json), fewer
+    where 16 rows would pass 16 KB, and never less than one token."""
+    w = ShardWriter(tmp_path / "s", d, dtype=dtype)
+    w.add(np.zeros((3, d), dtype), np.zeros(3), np.zeros(3))
+    w.close()
+    loader = ShardLoader(open_shards(tmp_path / "s"), 2)
+    assert loader.block_tokens == expect
+    assert ShardLoader(open_shards(tmp_path / "s"), 2, block_tokens=5).block_tokens == 5
+
+
 def tokens_of(batches):
     return np.concatenate([b[1].numpy() for b in batches])
 

@@ -2,14 +2,14 @@
 
 Each epoch, the tokens are cut into chunks of `chunk_tokens` contiguous tokens (never crossing a shard) and
 the chunks are put in a random order. Consecutive chunks form a mixing window of `buffer_mb` megabytes of
-activations; the window's chunks are cut into blocks of `block_tokens` consecutive tokens (by default one 4 KB
-page: 4 tokens at d = 640 in float16, 16 at d = 128; `block_tokens=1` shuffles single tokens, at ~0.7x the
-speed: a random gather is bound by memory latency), the blocks are put in a random order and batches are cut from
-them (tokens that do not fill a whole batch are carried into the next window). The plan is made of runs of
-consecutive tokens, never token by token. A batch is then gathered with one copy straight from the
-memory-mapped shards into its tensor, its runs sorted so that the reads walk forward through the files
-(`ops.row_gatherer`: C++, one copy per run with streaming stores and the GIL released; numpy's take where the
-extension does not build).
+activations; the window's chunks are cut into blocks of `block_tokens` consecutive tokens (by default 16
+tokens, fewer where 16 rows would pass 16 KB: 16 at d = 128 or 512 in float16, 13 at d = 640; `block_tokens=1`
+shuffles single tokens, at ~0.6x the speed: a random gather is bound by memory latency), the blocks are put in
+a random order and batches are cut from them (tokens that do not fill a whole batch are carried into the next
+window). The plan is made of runs of consecutive tokens, never token by token. A batch is then gathered with one
+copy straight from the memory-mapped shards into its tensor, its runs sorted so that the reads walk forward
+through the files (`ops.row_gatherer`: C++, one copy per run with streaming stores and the GIL released; numpy's
+take where the extension does not build).
 After each window its chunks' mapped pages are released (`Shards.release`), so the resident set stays near the
 window plus a few MB per chunk (the kernel maps whole page-cache folios around each touched row: ~200 MB at
 the defaults, 32 MB windows of 1 MB chunks), whatever the size of the shard set. Every batch mixes tokens
@@ -133,8 +133,11 @@ class ShardLoader:
         if self.threads < 0:
             raise UserError(f"threads must be >= 0 (0 = gather in the consumer's thread), got {threads}")
         row_bytes = shards.d * np.dtype(shards.array(0).dtype).itemsize if shards.n_tokens else 1
-        # shuffle unit: one page (4 KB) of consecutive tokens by default; 1 = every token on its own
-        self.block_tokens = max(1, int(block_tokens or -(-4096 // row_bytes)))
+        # shuffle unit: 16 consecutive tokens, or fewer where that would pass 16 KB; 1 = every token on its own.
+        # 16-token blocks trained SAEs as good as single tokens (FVU within 0.1%, dead features 1.1% vs 0.8%: 8
+        # seeds, bench/results/mixing_mini.json); at d = 640, 13-token (16 KB) blocks streamed 0.65 of a contiguous
+        # copy on 2 threads where 4-token (5 KB) ones reached 0.54 (bench/results/loader.json, docs/bench.md)
+        self.block_tokens = max(1, int(block_tokens or min(16, -(-16384 // row_bytes))))
         r, n = world()
         self.rank, self.world_size = (r if rank is None else rank), (n if world_size is None else world_size)
         if self.batch_size % self.world_size:

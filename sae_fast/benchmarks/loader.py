@@ -144,7 +144,7 @@ def run(quick: bool = False) -> list[dict]:
         copies = {"readinto_s": best["copy"], "memory_map_s": best["mapcopy"]}
         demand = gpu_demand(d, 5120, 32, nbytes / best["t1"] / 1e9)
         rows = []
-        for name, threads, shuffle in [("t1", 1, "4 KB blocks"), ("t2", 2, "4 KB blocks"),
+        for name, threads, shuffle in [("t1", 1, "13-token (16 KB) blocks"), ("t2", 2, "13-token (16 KB) blocks"),
                                        ("tokens", 2, "single tokens")]:
             ours = best[name]
             extra = {"thread_scaling_1_to_2": best["t1"] / best["t2"]} if name == "t2" else {}
