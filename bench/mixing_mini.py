@@ -3,7 +3,7 @@
 The loader (sae_fast.activations.loader) shuffles blocks of `block_tokens` consecutive tokens inside each mixing
 window; larger blocks stream faster (bench/results/loader.json) but mix more coarsely within a cell. This trains
 the demo's SAE on the demo's activations with blocks of 1 token, 16 tokens (the default at d = 128 in float16:
-4 KB) and 64 tokens (16 KB at d = 128), over several seeds, and compares FVU and the dead-feature fraction over
+4 KB) and 64 tokens (16 KB at d = 128), over 8 seeds, and compares FVU and the dead-feature fraction over
 every token. The default's rule (16 tokens, fewer where 16 rows would pass 16 KB: 13 at AIDO.Cell-100M's
 d = 640) never makes a block longer than the 16 tokens tested here.
 
@@ -12,7 +12,7 @@ Activations: the embedded model `mini` v2 at block 4 on the full PBMC3K (2,700 c
 them (written once to --work, resumable). SAE: TopK, k = 32, 1,024 features, batch 4,096, lr 1e-3, --epochs
 passes. These are `mini`'s numbers, not those of a released model.
 
-    python bench/mixing_mini.py [--blocks 1 16 64] [--seeds 0 1 2] [--epochs 2] [--threads 2]
+    python bench/mixing_mini.py [--blocks 1 16 64] [--seeds 0 1 ... 7] [--epochs 2] [--threads 2]
                                 [--work /tmp/mixing_mini] [--out bench/results/mixing_mini.json]
 """
 
@@ -35,7 +35,7 @@ def main():
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/mixing_mini")

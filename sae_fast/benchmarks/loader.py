@@ -143,9 +143,10 @@ def run(quick: bool = False) -> list[dict]:
         ref = min(best["copy"], best["mapcopy"])
         copies = {"readinto_s": best["copy"], "memory_map_s": best["mapcopy"]}
         demand = gpu_demand(d, 5120, 32, nbytes / best["t1"] / 1e9)
+        block = shards.loader(BATCH).block_tokens  # the loader's default shuffle unit at this width
+        blocks = f"{block}-token ({block * d * 2 // 1024} KB) blocks"
         rows = []
-        for name, threads, shuffle in [("t1", 1, "13-token (16 KB) blocks"), ("t2", 2, "13-token (16 KB) blocks"),
-                                       ("tokens", 2, "single tokens")]:
+        for name, threads, shuffle in [("t1", 1, blocks), ("t2", 2, blocks), ("tokens", 2, "single tokens")]:
             ours = best[name]
             extra = {"thread_scaling_1_to_2": best["t1"] / best["t2"]} if name == "t2" else {}
             if name == "t1":
